@@ -1,0 +1,81 @@
+"""The rollout-engine interface: every engine (external vLLM servers, the embedded JAX sampler)
+takes token-id prompts and returns a `RolloutBatch`; the trainer never knows which it has."""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+FINISH_STOP = "stop"      # ended on a stop id (EOS)
+FINISH_LENGTH = "length"  # cut at max_new_tokens
+
+
+@dataclasses.dataclass
+class RolloutBatch:
+    """Responses for P prompts x n samples, prompt-major: sample j of prompt i is row i*n+j.
+
+    prompt_ids:     P lists of prompt token ids (as given).
+    token_ids:      P*n lists of generated token ids (the stop id, when hit, is included).
+    logprobs:       P*n float32 arrays, log pi(token) under the *tempered* (processed)
+                    sampling distribution, one per generated token.
+    finish_reasons: P*n strings, "stop" or "length".
+    n:              samples per prompt.
+    weight_version: the policy version that generated these (as given to update_weights).
+    timing:         seconds per phase (at least "generate_s").
+    """
+    prompt_ids: list[list[int]]
+    token_ids: list[list[int]]
+    logprobs: list[np.ndarray]
+    finish_reasons: list[str]
+    n: int
+    weight_version: int = 0
+    timing: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        expected = len(self.prompt_ids) * self.n
+        for name in ("token_ids", "logprobs", "finish_reasons"):
+            got = len(getattr(self, name))
+            if got != expected:
+                raise ValueError(f"RolloutBatch.{name}: expected {expected} rows "
+                                 f"({len(self.prompt_ids)} prompts x n={self.n}), got {got}")
+        for i, (ids, lps) in enumerate(zip(self.token_ids, self.logprobs)):
+            if len(ids) != len(lps):
+                raise ValueError(f"RolloutBatch row {i}: {len(ids)} token ids but "
+                                 f"{len(lps)} log-probs")
+        for i, reason in enumerate(self.finish_reasons):
+            if reason not in (FINISH_STOP, FINISH_LENGTH):
+                raise ValueError(f"RolloutBatch row {i}: finish_reason {reason!r}, "
+                                 f"expected 'stop' or 'length'")
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def response_lengths(self) -> np.ndarray:
+        """int32[P*n]: generated tokens per sample."""
+        return np.array([len(t) for t in self.token_ids], np.int32)
+
+    @property
+    def truncated(self) -> np.ndarray:
+        """bool[P*n]: True where the response was cut at max_new_tokens."""
+        return np.array([r == FINISH_LENGTH for r in self.finish_reasons])
+
+
+class RolloutEngine(abc.ABC):
+    """Generates responses with the current policy weights."""
+
+    @abc.abstractmethod
+    def generate(self, prompts: Sequence[Sequence[int]], *, n: int, temperature: float,
+                 top_p: float, max_new_tokens: int, stop_token_ids: Sequence[int],
+                 seed: int) -> RolloutBatch:
+        """Samples n responses for each prompt (token-id lists); see `RolloutBatch`."""
+
+    @abc.abstractmethod
+    def update_weights(self, params_or_model: Any, version: int) -> None:
+        """Makes the engine sample from these policy weights from now on, tagged `version`."""
+
+    def close(self) -> None:
+        """Releases servers, threads or device memory; the default holds none."""

@@ -1,0 +1,29 @@
+"""prorl-jax: ProRL (prolonged RL for reasoning LLMs) in JAX/Flax NNX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="prorl-jax",
+    version="0.1.0",
+    description="ProRL (GRPO + DAPO tricks + reference resets) for Qwen2 policies in JAX/Flax NNX",
+    packages=find_packages(include=["prorl_jax", "prorl_jax.*", "rewards", "rewards.*"]),
+    package_data={"prorl_jax": ["assets/**/*", "assets/*/*"], "rewards": ["data/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.10",
+        "optax",
+        "orbax-checkpoint",
+        "transformers",
+        "safetensors",
+        "ml-collections",
+        "absl-py",
+        "numpy",
+    ],
+    extras_require={
+        # torch: install the CPU build first (`pip install torch==2.13.0`), see .ci/run.
+        "test": ["pytest", "torch"],
+        "gpu": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
+        "plot": ["matplotlib"],
+    },
+)
