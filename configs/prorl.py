@@ -1,0 +1,189 @@
+"""ProRL run configurations.
+
+    python -m prorl_jax.main --config=configs/prorl.py            # the paper's recipe
+    python -m prorl_jax.main --config=configs/prorl.py:demo       # tiny CPU demo that learns
+    python -m prorl_jax.main --config=configs/prorl.py --config.loss.eps_high=0.28
+
+Every field is documented here, where it is defined, with the paper's value (ProRL, arXiv
+2505.24864; see shared/docs/algorithm.md). `prorl_jax.config.validate` checks every field at
+start-up and names the one that is wrong.
+"""
+import ml_collections
+
+
+def paper_config() -> ml_collections.ConfigDict:
+    """The ProRL recipe: DeepSeek-R1-Distill-Qwen-1.5B, GRPO + DAPO tricks, KL with resets."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0                        # RNG seed for init, sampling and data order
+    c.total_steps = 3000              # training steps (one rollout batch + its mini-batch updates
+                                      # each), across all stages; the paper trained ~3k steps
+    # Stages: ';'-separated; each `steps=N` plus comma-separated `dotted.field=value` overrides
+    # applied from that stage on; every stage after the first starts with a reference reset.
+    # Empty: one stage of total_steps.
+    c.stages = ("steps=2500;"
+                "steps=500,rollout.max_response_tokens=16384")
+
+    c.model = m = ml_collections.ConfigDict()
+    m.path = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"  # HF model dir (or a hub id already in
+                                      # the local HF cache); empty: random init from `preset`
+    m.preset = "r1-distill-qwen-1.5b"  # prorl_jax.models.PRESETS name (used when path is empty)
+    m.dtype = "bfloat16"              # compute dtype of the policy
+    m.param_dtype = "float32"         # master weights
+    m.ref_dtype = "bfloat16"          # the reference policy's stored dtype
+    m.remat = "dots_no_batch"         # gradient checkpointing policy per layer
+    m.attention_impl = "auto"         # "auto" (cuDNN flash on GPU), "xla", "cudnn"
+    m.logprob_chunk = 4096            # tokens per chunk of the fused LM-head log-softmax
+
+    c.tokenizer_path = ""             # tokenizer dir; empty: model.path
+
+    c.data = d = ml_collections.ConfigDict()
+    # Comma-separated `path@weight` (jsonl/json/parquet of problem records); weight = the
+    # domain-mix sampling weight. Paper mix (136K problems): math 40k, code 24k, STEM 25k,
+    # logic 37k, instruction following 10k.
+    d.train_files = ("data/math.jsonl@40,data/code.jsonl@24,data/stem.jsonl@25,"
+                     "data/logic.jsonl@37,data/ifeval.jsonl@10")
+    d.val_files = ""                  # held-out files for validation (same format)
+    d.max_prompt_tokens = 1024        # longer prompts are dropped (and counted)
+    d.toy_task = ""                   # demo only: a prorl_jax.toy_task task name instead of files
+    d.toy_train_size = 0              # demo only: procedurally generated training problems
+    d.toy_val_size = 0                # demo only: held-out generated problems
+
+    c.rollout = r = ml_collections.ConfigDict()
+    r.engine = "auto"                 # "vllm", "jax" (embedded sampler) or "auto" (vllm iff urls)
+    r.vllm_urls = ""                  # comma-separated server base URLs (launchers/vllm_server.sh)
+    r.weights_dir = ""                # where the policy is written for the servers (shared FS)
+    r.timeout_s = 3600.0              # per HTTP request
+    r.n = 16                          # responses per prompt (group size)
+    r.temperature = 1.2               # sampling temperature (also used for the trainer's log-probs)
+    r.top_p = 1.0                     # nucleus; <1 biases the importance ratio
+    r.max_response_tokens = 8192      # 8k, then 16k in the last stage
+    r.old_logp_source = "trainer"     # "trainer" (recompute) or "sampler" (the engine's own)
+
+    c.batch = b = ml_collections.ConfigDict()
+    b.prompts_per_step = 256          # prompts per rollout batch
+    b.mini_batch_prompts = 64         # prompts per optimizer step (256/64 = 4 updates per step)
+    b.micro_batch_rows = 8            # rows per gradient-accumulation micro-batch (memory)
+    b.dynamic_sampling = True         # drop groups whose rewards are all equal, refill
+    b.max_generation_rounds = 4       # bound on refill rounds; past it train on what survived
+    b.length_bucket = 512             # sequences are padded to a multiple of this
+
+    c.loss = l = ml_collections.ConfigDict()
+    l.eps_low = 0.2                   # clip ratio below: r >= 1 - eps_low
+    l.eps_high = 0.4                  # clip-higher (DAPO): r <= 1 + eps_high
+    l.clip_c = 0.0                    # dual clip c (>1) for A < 0; 0 disables
+    l.beta = 1e-4                     # KL coefficient
+    l.kl_kind = "k3"                  # "k1", "k2", "k3" (low-variance KL, ProRL)
+    l.agg_mode = "token-mean"         # token-mean | seq-mean-token-mean | seq-mean-token-sum |
+                                      # seq-mean-token-sum-norm
+    l.norm_len = 0                    # the fixed length of seq-mean-token-sum-norm (0: max resp.)
+    l.entropy_coef = 0.0              # entropy bonus (paper: 0)
+    l.adv_std_normalize = True        # divide by the std (False: Dr.GRPO)
+    l.adv_std_scope = "group"         # "group" or "batch"
+
+    c.reward = w = ml_collections.ConfigDict()
+    w.think_mode = "require"          # "require": no </think> -> unanswered (0); "optional"
+    w.overlong_filter = True          # truncated responses are masked out of the loss
+    w.truncated_reward = -1.0         # >=0: reward given to truncated responses ("stop
+                                      # properly" penalty); <0: keep the verifier's reward
+    w.soft_overlong_buffer = 0        # DAPO soft overlong penalty buffer in tokens (0: off)
+    w.soft_overlong_factor = 1.0      # its maximum penalty
+    w.num_workers = 0                 # scoring processes (0: all cores)
+    w.timeout_s = 10.0                # per response
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.lr = 2e-6                       # AdamW learning rate (constant in the paper)
+    o.weight_decay = 0.01
+    o.b1 = 0.9
+    o.b2 = 0.999
+    o.eps = 1e-8
+    o.max_grad_norm = 1.0             # global-norm gradient clipping
+    o.warmup_steps = 0                # linear warm-up (restarts after every reset)
+    o.schedule = "constant"           # "constant" or "cosine"
+    o.decay_steps = 0                 # cosine: steps to decay over
+
+    c.mesh = x = ml_collections.ConfigDict()
+    x.data = 1                        # data-parallel axis
+    x.fsdp = -1                       # fully sharded axis (-1: the remaining devices)
+    x.tensor = 1                      # tensor-parallel axis
+
+    c.reset = z = ml_collections.ConfigDict()
+    z.interval_steps = 0              # reset every N steps (0: off)
+    z.on_stage_boundary = True        # reset at the start of every stage after the first
+    z.plateau_patience = 0            # reset when validation has not improved for N evals (0: off)
+    z.kl_threshold = 0.0              # reset when the step's mean KL exceeds this (0: off)
+    z.on_resume = False               # reset once when resuming (by hand: set on the command line)
+
+    c.eval = e = ml_collections.ConfigDict()
+    e.every_steps = 50                # validation interval (0: never)
+    e.n_samples = 16                  # samples per validation problem
+    e.k_values = "1,8,16"             # pass@k reported
+    e.temperature = 0.6               # validation sampling temperature
+    e.max_problems = 512              # per validation file
+
+    c.checkpoint = k = ml_collections.ConfigDict()
+    k.every_steps = 50                # save interval
+    k.keep_last = 3                   # keep the newest N
+    k.keep_every = 500                # and every K-th step forever (0: none)
+    k.async_save = True
+
+    c.log = g = ml_collections.ConfigDict()
+    g.every_steps = 1                 # console log interval
+    g.tensorboard = True              # also write TensorBoard events when installed
+
+    c.max_nonfinite_steps = 3         # stop (with a checkpoint) after this many bad steps in a row
+    return c
+
+
+def demo_config() -> ml_collections.ConfigDict:
+    """A tiny Qwen2 learning a procedurally generated task on 2 CPU cores in about 5 minutes."""
+    c = paper_config()
+    c.total_steps = 120
+    c.stages = ""
+    c.model.path = ""
+    c.model.preset = "tiny"
+    c.model.dtype = "float32"
+    c.model.ref_dtype = "float32"
+    c.model.remat = "none"
+    c.model.logprob_chunk = 512
+    c.tokenizer_path = ""             # empty with no model path: the shipped demo tokenizer
+    c.data.train_files = ""
+    c.data.toy_task = "successor"
+    c.data.toy_train_size = 2000
+    c.data.toy_val_size = 100
+    c.data.max_prompt_tokens = 32
+    c.rollout.engine = "jax"
+    c.rollout.n = 8
+    c.rollout.temperature = 1.0
+    c.rollout.max_response_tokens = 4
+    c.batch.prompts_per_step = 16
+    c.batch.mini_batch_prompts = 8
+    c.batch.micro_batch_rows = 64
+    c.batch.length_bucket = 16
+    c.batch.max_generation_rounds = 2
+    c.loss.beta = 1e-3
+    c.reward.think_mode = "optional"
+    c.reward.overlong_filter = False
+    c.reward.num_workers = 1
+    c.optim.lr = 3e-3
+    c.optim.weight_decay = 0.0
+    c.mesh.fsdp = 1
+    c.reset.interval_steps = 60
+    c.eval.every_steps = 40
+    c.eval.n_samples = 4
+    c.eval.k_values = "1,4"
+    c.eval.temperature = 1.0
+    c.eval.max_problems = 32
+    c.checkpoint.every_steps = 40
+    c.checkpoint.keep_every = 0
+    c.log.every_steps = 10
+    c.log.tensorboard = False
+    return c
+
+
+def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
+    """`configs/prorl.py` -> the paper's recipe; `configs/prorl.py:demo` -> the CPU demo."""
+    presets = {"paper": paper_config, "demo": demo_config}
+    if preset not in presets:
+        raise ValueError(f"configs/prorl.py: unknown preset {preset!r}; expected one of "
+                         f"{sorted(presets)}")
+    return presets[preset]()

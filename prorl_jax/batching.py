@@ -1,0 +1,154 @@
+"""From rollouts to training rows: reward shaping, dynamic sampling, padded token batches.
+
+Host-side numpy (no JAX): the trainer collects prompt groups here across generation rounds
+and turns the survivors into the dict of arrays the jitted update consumes:
+
+    input_ids  int32[B, T]   prompt + response, right-padded with pad_id
+    targets    int32[B, T]   input_ids shifted left by one (targets[:, t] = input_ids[:, t+1])
+    loss_mask  f32[B, T]     1 where targets[:, t] is a response token that counts in the loss
+    advantages f32[B]        group-normalised advantage of each response
+    sampler_logp f32[B, T]   the engine's log-probs of the targets (0 elsewhere)
+
+B = groups * n rows (prompt-major), T = a multiple of `length_bucket` (one compile per bucket).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from prorl_jax.rollout.base import RolloutBatch
+
+
+def shape_rewards(rewards: np.ndarray, lengths: np.ndarray, truncated: np.ndarray, *,
+                  max_len: int, truncated_reward: float = -1.0, soft_overlong_buffer: int = 0,
+                  soft_overlong_factor: float = 1.0) -> np.ndarray:
+    """Applies the overlong rules of algorithm.md to verifier rewards f32[N].
+
+    truncated_reward >= 0: reward of a response cut at max_len ("stop properly" penalty).
+    soft_overlong_buffer > 0 (DAPO): r += min(0, -(L - (max_len - buffer)) / buffer * factor).
+    """
+    out = np.asarray(rewards, np.float32).copy()
+    if truncated_reward >= 0:
+        out = np.where(truncated, np.float32(truncated_reward), out)
+    if soft_overlong_buffer > 0:
+        over = lengths.astype(np.float32) - (max_len - soft_overlong_buffer)
+        out += np.minimum(0.0, -over / soft_overlong_buffer * soft_overlong_factor)
+    return out.astype(np.float32)
+
+
+def informative_groups(rewards: np.ndarray, n: int) -> np.ndarray:
+    """bool[P]: groups (rows g*n .. g*n+n-1) whose n rewards are not all equal."""
+    r = np.asarray(rewards).reshape(-1, n)
+    return np.ptp(r, axis=1) > 0
+
+
+@dataclasses.dataclass
+class Group:
+    """One prompt and its n responses (with their rewards)."""
+    record: dict
+    prompt_ids: list[int]
+    response_ids: list[list[int]]
+    logprobs: list[np.ndarray]
+    finish_reasons: list[str]
+    rewards: np.ndarray          # f32[n], shaped
+    raw_rewards: np.ndarray      # f32[n], as the verifier gave them
+
+
+def split_groups(batch: RolloutBatch, records: Sequence[dict], rewards: np.ndarray,
+                 raw_rewards: np.ndarray) -> list[Group]:
+    """Cuts a prompt-major rollout batch into per-prompt groups."""
+    n = batch.n
+    return [Group(records[i], list(batch.prompt_ids[i]),
+                  [list(t) for t in batch.token_ids[i * n:(i + 1) * n]],
+                  list(batch.logprobs[i * n:(i + 1) * n]),
+                  list(batch.finish_reasons[i * n:(i + 1) * n]),
+                  np.asarray(rewards[i * n:(i + 1) * n], np.float32),
+                  np.asarray(raw_rewards[i * n:(i + 1) * n], np.float32))
+            for i in range(batch.num_prompts)]
+
+
+def pad_length(length: int, bucket: int) -> int:
+    """Smallest multiple of `bucket` that holds `length` tokens (at least one bucket)."""
+    return max(bucket, -(-length // bucket) * bucket)
+
+
+def build_train_batch(groups: Sequence[Group], advantages: np.ndarray, *, pad_id: int,
+                      length_bucket: int, overlong_filter: bool,
+                      num_rows: int | None = None) -> dict[str, np.ndarray]:
+    """Training rows for `groups` (see the module docstring).
+
+    advantages f32[len(groups) * n]. Responses that hit max length get loss_mask 0 when
+    `overlong_filter`. `num_rows` pads the batch with all-masked rows up to that many (so a
+    short batch after dynamic sampling keeps the compiled shape); they carry no loss.
+    """
+    rows = [(g.prompt_ids, resp, lp, reason)
+            for g in groups for resp, lp, reason in zip(g.response_ids, g.logprobs,
+                                                        g.finish_reasons)]
+    b = len(rows) if num_rows is None else num_rows
+    if b < len(rows):
+        raise ValueError(f"build_train_batch: num_rows={num_rows} < {len(rows)} rows")
+    longest = max((len(p) + len(r) for p, r, _, _ in rows), default=1)
+    t = pad_length(longest, length_bucket)
+    input_ids = np.full((b, t), pad_id, np.int32)
+    loss_mask = np.zeros((b, t), np.float32)
+    sampler_logp = np.zeros((b, t), np.float32)
+    adv = np.zeros((b,), np.float32)
+    adv[: len(rows)] = advantages
+    for i, (prompt, resp, lp, reason) in enumerate(rows):
+        p, r = len(prompt), len(resp)
+        input_ids[i, :p] = prompt
+        input_ids[i, p:p + r] = resp
+        # Position t predicts token t+1: response token j (at p+j) is predicted at p+j-1.
+        sampler_logp[i, p - 1:p - 1 + r] = lp
+        if not (overlong_filter and reason == "length"):
+            loss_mask[i, p - 1:p - 1 + r] = 1.0
+    targets = np.concatenate([input_ids[:, 1:], np.full((b, 1), pad_id, np.int32)], axis=1)
+    return dict(input_ids=input_ids, targets=targets, loss_mask=loss_mask,
+                advantages=adv, sampler_logp=sampler_logp)
+
+
+def mini_batches(batch: dict[str, np.ndarray], rows_per_mini_batch: int) -> list[dict]:
+    """Splits the rows (in order) into equal mini-batches; the last is padded with masked rows."""
+    b = next(iter(batch.values())).shape[0]
+    count = -(-b // rows_per_mini_batch)
+    out = []
+    for k in range(count):
+        part = {}
+        for key, value in batch.items():
+            chunk = value[k * rows_per_mini_batch:(k + 1) * rows_per_mini_batch]
+            short = rows_per_mini_batch - chunk.shape[0]
+            if short:
+                fill = np.zeros((short,) + chunk.shape[1:], chunk.dtype)
+                chunk = np.concatenate([chunk, fill])
+            part[key] = chunk
+        out.append(part)
+    return out
+
+
+def rollout_stats(groups: Sequence[Group], max_len: int) -> dict[str, Any]:
+    """Response-length and per-domain reward metrics of the groups kept for training."""
+    lengths = np.array([len(r) for g in groups for r in g.response_ids], np.float32)
+    truncated = np.array([f == "length" for g in groups for f in g.finish_reasons])
+    out = {}
+    if lengths.size:
+        out.update({"response_length/mean": float(lengths.mean()),
+                    "response_length/max": float(lengths.max()),
+                    "response_length/clip_ratio": float(truncated.mean()),
+                    "response_length/limit": max_len})
+    return out
+
+
+def reward_stats(records: Sequence[dict], rewards: np.ndarray, n: int,
+                 prefix: str = "reward") -> dict[str, float]:
+    """Mean/std of rewards f32[P*n] overall and per domain (records has P entries)."""
+    r = np.asarray(rewards, np.float32)
+    out = {f"{prefix}/mean": float(r.mean()) if r.size else 0.0,
+           f"{prefix}/std": float(r.std()) if r.size else 0.0}
+    domains = np.repeat([rec.get("domain", "?") for rec in records], n)
+    for d in sorted(set(domains.tolist())):
+        sel = r[domains == d]
+        out[f"{prefix}/{d}/mean"] = float(sel.mean())
+        out[f"{prefix}/{d}/std"] = float(sel.std())
+    return out
