@@ -1,0 +1,46 @@
+"""Per-token estimators of KL(pi_theta || pi_ref) from tokens sampled from pi_theta.
+
+With d = ref_logp - logp (per token; ref_logp is a constant: gradients flow through logp only):
+
+    k1 = -d                                   (log pi_theta - log pi_ref; unbiased, any sign)
+    k2 = d^2 / 2                              (biased, low variance)
+    k3 = exp(d) - d - 1                       (unbiased, >= 0, "low_var_kl", ProRL's choice);
+                                               d clamped to [-20, 20], result to [-10, 10] (verl)
+
+A kind with a trailing "+" ("k1+", "k3+") is straight-through: its value is that estimator's and
+its gradient is k2's (d(k2)/d(logp) = logp - ref_logp, the gradient of the true KL's
+second-order expansion), computed as k2 + stop_gradient(k - k2).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from prorl_jax.loss._checks import check_choice, check_same_shape
+
+KL_KINDS = ("k1", "k2", "k3", "k1+", "k2+", "k3+")
+LOG_RATIO_CLAMP = 20.0   # |d| bound before exp in k3
+K3_CLAMP = 10.0          # |k3| bound
+
+
+def _estimator(d, kind: str):
+    if kind == "k1":
+        return -d
+    if kind == "k2":
+        return 0.5 * d**2
+    d = jnp.clip(d, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return jnp.clip(jnp.exp(d) - d - 1.0, -K3_CLAMP, K3_CLAMP)
+
+
+def kl_estimate(logp, ref_logp, kind: str = "k3"):
+    """Per-token KL estimate f32[batch, time] from logp, ref_logp f32[batch, time] (see module doc)."""
+    check_choice("kl_kind", kind, KL_KINDS)
+    logp = jnp.asarray(logp, jnp.float32)
+    ref_logp = jnp.asarray(ref_logp, jnp.float32)
+    check_same_shape(logp=logp, ref_logp=ref_logp)
+    d = jax.lax.stop_gradient(ref_logp) - logp
+    value = _estimator(d, kind.rstrip("+"))
+    if not kind.endswith("+"):
+        return value
+    k2 = _estimator(d, "k2")
+    return k2 + jax.lax.stop_gradient(value - k2)
