@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from prorl_jax import loss
 from prorl_jax.rollout.base import RolloutBatch
 
 
@@ -27,21 +28,20 @@ def shape_rewards(rewards: np.ndarray, lengths: np.ndarray, truncated: np.ndarra
     """Applies the overlong rules of algorithm.md to verifier rewards f32[N].
 
     truncated_reward >= 0: reward of a response cut at max_len ("stop properly" penalty).
-    soft_overlong_buffer > 0 (DAPO): r += min(0, -(L - (max_len - buffer)) / buffer * factor).
+    soft_overlong_buffer > 0: adds DAPO's `loss.soft_overlong_penalty` of each length.
     """
     out = np.asarray(rewards, np.float32).copy()
     if truncated_reward >= 0:
         out = np.where(truncated, np.float32(truncated_reward), out)
     if soft_overlong_buffer > 0:
-        over = lengths.astype(np.float32) - (max_len - soft_overlong_buffer)
-        out += np.minimum(0.0, -over / soft_overlong_buffer * soft_overlong_factor)
+        out += np.asarray(loss.soft_overlong_penalty(lengths, max_len, soft_overlong_buffer,
+                                                     soft_overlong_factor))
     return out.astype(np.float32)
 
 
 def informative_groups(rewards: np.ndarray, n: int) -> np.ndarray:
     """bool[P]: groups (rows g*n .. g*n+n-1) whose n rewards are not all equal."""
-    r = np.asarray(rewards).reshape(-1, n)
-    return np.ptp(r, axis=1) > 0
+    return np.asarray(loss.group_signal_mask(np.asarray(rewards, np.float32), n))
 
 
 @dataclasses.dataclass

@@ -1,0 +1,158 @@
+"""Builds a run's parts from its config: tokenizer, model, data, rollout engine, reward scorer.
+
+Each builder reads only the config fields it needs; the trainer composes them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from prorl_jax import config as config_lib
+from prorl_jax import data as data_lib
+from prorl_jax.models import PRESETS, Qwen2ForCausalLM, init_model
+from prorl_jax.rollout.base import RolloutEngine
+
+DEMO_TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "assets", "demo_tokenizer")
+_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<｜end▁of▁sentence｜>")
+
+
+def load_tokenizer(cfg):
+    """The tokenizer: tokenizer_path, else model.path, else the shipped demo tokenizer."""
+    from transformers import AutoTokenizer
+    path = cfg.tokenizer_path or cfg.model.path or DEMO_TOKENIZER_DIR
+    if os.path.isdir(path):
+        return AutoTokenizer.from_pretrained(path)
+    try:  # a hub id: only from the local Hugging Face cache, never downloaded at run time
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"config.tokenizer_path / config.model.path: {path!r} is neither a directory nor a "
+            f"hub id in the local Hugging Face cache ({e})") from None
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS plus the chat end-of-turn tokens the tokenizer knows."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in _STOP_TOKENS if t in vocab)
+    if not ids:
+        raise ValueError("tokenizer has no EOS token and none of "
+                         f"{list(_STOP_TOKENS)}: cannot stop generation")
+    return sorted(ids)
+
+
+def pad_token_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id
+    return int(tokenizer.eos_token_id if pad is None else pad)
+
+
+def build_model(cfg, tokenizer) -> Qwen2ForCausalLM:
+    """The policy: loaded from model.path, or randomly initialised from model.preset."""
+    m = cfg.model
+    settings = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                    attention_impl=m.attention_impl)
+    if m.path:
+        from prorl_jax.models import load_pretrained
+        path = m.path
+        if not os.path.isdir(path):
+            from huggingface_hub import snapshot_download  # local cache only
+            path = snapshot_download(path, local_files_only=True)
+        return load_pretrained(path, dtype=jnp.dtype(m.dtype),
+                               param_dtype=jnp.dtype(m.param_dtype), remat=m.remat,
+                               attention_impl=m.attention_impl)
+    if m.preset not in PRESETS:
+        raise config_lib.ConfigError(f"config.model.preset={m.preset!r}: expected one of "
+                                     f"{sorted(PRESETS)}")
+    preset = PRESETS[m.preset].replace(**settings)
+    if len(tokenizer) > preset.vocab_size:
+        raise config_lib.ConfigError(
+            f"config.model.preset={m.preset!r} has vocab_size {preset.vocab_size} but the "
+            f"tokenizer has {len(tokenizer)} tokens")
+    return init_model(preset, seed=cfg.seed)
+
+
+def _sources(cfg, field: str, toy_size: int, toy_seed: int):
+    files = config_lib.parse_weighted_files(cfg.data[field], f"data.{field}")
+    if files:
+        return files
+    if cfg.data.toy_task and toy_size > 0:
+        from prorl_jax import toy_task
+        return [(toy_task.make_records(cfg.data.toy_task, toy_size, toy_seed), 1.0)]
+    return []
+
+
+def build_datasets(cfg, tokenizer):
+    """(train PromptDataset, validation PromptDataset or None)."""
+    train_sources = _sources(cfg, "train_files", cfg.data.toy_train_size, cfg.seed)
+    train = data_lib.PromptDataset(train_sources, tokenizer,
+                                   max_prompt_tokens=cfg.data.max_prompt_tokens, seed=cfg.seed)
+    if train.num_dropped:
+        logging.warning("dropped %d prompts longer than data.max_prompt_tokens=%d: %s",
+                        train.num_dropped, cfg.data.max_prompt_tokens,
+                        train.num_dropped_by_source)
+    val_sources = _sources(cfg, "val_files", cfg.data.toy_val_size, cfg.seed + 1_000_003)
+    val = None
+    if val_sources:
+        val = data_lib.PromptDataset(val_sources, tokenizer,
+                                     max_prompt_tokens=cfg.data.max_prompt_tokens, seed=cfg.seed)
+    return train, val
+
+
+def build_engine(cfg, model: Qwen2ForCausalLM, mesh, *, pad_id: int, workdir: str,
+                 max_new_tokens: int) -> RolloutEngine:
+    """vLLM servers when rollout.vllm_urls is set (or engine="vllm"), else the JaxSampler
+    (sized for `max_new_tokens`, the longest response of any stage)."""
+    r = cfg.rollout
+    urls = [u.strip() for u in r.vllm_urls.split(",") if u.strip()]
+    if r.engine == "vllm" or (r.engine == "auto" and urls):
+        from prorl_jax.models import save_pretrained
+        from prorl_jax.rollout import VLLMClient
+        model_cfg = model.config
+
+        def write(params, path):
+            save_pretrained(params, path, config=model_cfg, dtype=jnp.bfloat16)
+
+        return VLLMClient(base_urls=urls, weights_dir=r.weights_dir or
+                          os.path.join(workdir, "vllm_weights"), timeout_s=r.timeout_s,
+                          weight_writer=write)
+    from prorl_jax.rollout import JaxSampler
+    return JaxSampler(model, max_prompt_len=cfg.data.max_prompt_tokens,
+                      max_new_tokens=max_new_tokens, pad_id=pad_id, mesh=mesh)
+
+
+class RewardScorer:
+    """Decodes responses and scores them with `rewards.score_batch` in a reused worker pool."""
+
+    def __init__(self, cfg, tokenizer):
+        import rewards
+        self._rewards = rewards
+        self.tokenizer = tokenizer
+        self.think_mode = cfg.reward.think_mode
+        self.timeout_s = cfg.reward.timeout_s
+        self.num_workers = cfg.reward.num_workers or None
+        self.failures = 0
+
+    def __call__(self, records: Sequence[dict], response_ids: Sequence[Sequence[int]]
+                 ) -> np.ndarray:
+        texts = self.tokenizer.batch_decode([list(r) for r in response_ids],
+                                            skip_special_tokens=True)
+        scores, details = self._rewards.score_batch(
+            list(records), texts, num_workers=self.num_workers, think_mode=self.think_mode,
+            timeout_s=self.timeout_s, return_details=True)
+        self.failures = _failure_count(details)
+        return np.asarray(scores, np.float32)
+
+    def close(self) -> None:
+        close: Optional[Callable] = getattr(self._rewards, "close_pools", None)
+        if close is not None:
+            close()
+
+
+def _failure_count(details) -> int:
+    if isinstance(details, dict):
+        return int(sum(details.get(k, 0) for k in ("num_errors", "num_timeouts")))
+    return int(getattr(details, "num_errors", 0) + getattr(details, "num_timeouts", 0))

@@ -1,0 +1,352 @@
+"""The ProRL training loop, in the order of shared/docs/algorithm.md:
+
+    sample prompts -> roll out -> score -> dynamic sampling (refill, bounded) -> advantages
+    -> old and reference log-probs -> mini-batch updates -> weight sync -> metrics
+    -> maybe validate, reset the reference, checkpoint.
+
+`Trainer(cfg, workdir).run()` trains for `cfg.total_steps` steps over the config's stages,
+resuming from the workdir's latest checkpoint when there is one.
+"""
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from prorl_jax import batching, build, evaluation, loss, resets
+from prorl_jax import config as config_lib
+from prorl_jax.checkpoint import Checkpointer
+from prorl_jax.metrics import MetricsWriter, PhaseTimer, console_line
+from prorl_jax.sharding import (MeshConfig, global_batch, host_row_slice, make_mesh,
+                                tree_shardings)
+from prorl_jax.train_state import (OptimConfig, init_train_state, make_optimizer, make_schedule,
+                                   reset_reference, split_params)
+from prorl_jax.update import UpdateConfig, make_logprob_fn, make_train_step
+
+_UPDATE_METRICS = {"pg_loss": "loss/policy", "loss": "loss/total", "kl": "kl",
+                   "entropy": "entropy", "clip_frac_upper": "clip_frac/upper",
+                   "clip_frac_lower": "clip_frac/lower", "clip_frac_dual": "clip_frac/dual",
+                   "approx_kl": "approx_kl", "grad_norm": "grad_norm", "lr": "lr"}
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class Trainer:
+    """Owns the run's state; `run()` is the loop, `train_step(step)` one iteration."""
+
+    def __init__(self, cfg, workdir: str):
+        config_lib.validate(cfg)
+        self.base_cfg, self.workdir = cfg, workdir
+        self.stages = config_lib.parse_stages(cfg)
+        self.is_main = jax.process_index() == 0
+        self.tokenizer = build.load_tokenizer(cfg)
+        self.stop_ids = build.stop_token_ids(self.tokenizer)
+        self.pad_id = build.pad_token_id(self.tokenizer)
+        self.mesh = make_mesh(MeshConfig.from_config(cfg.mesh))
+        model = build.build_model(cfg, self.tokenizer)
+        self.model_config = model.config
+        self.graphdef, params = split_params(model)
+        params = jax.device_put(params, tree_shardings(params, self.mesh))
+        self.stage_index = -1
+        self._enter_stage(0)
+        self.state = init_train_state(params, self.tx, ref_dtype=cfg.model.ref_dtype,
+                                      seed=cfg.seed)
+        self.state_shardings = tree_shardings(self.state, self.mesh)
+        self._build_step_functions()
+        self.train_data, self.val_data = build.build_datasets(cfg, self.tokenizer)
+        self.prompts = self.train_data.iterator()
+        longest = max(config_lib.stage_config(cfg, self.stages, i).rollout.max_response_tokens
+                      for i in range(len(self.stages)))
+        self.engine = build.build_engine(cfg, model, self.mesh, pad_id=self.pad_id,
+                                         workdir=workdir, max_new_tokens=longest)
+        self.engine.update_weights(self.state.params, 0)
+        self.score = build.RewardScorer(cfg, self.tokenizer)
+        r = cfg.reset
+        self.resets = resets.ResetTracker(r.interval_steps, r.plateau_patience, r.kl_threshold)
+        self.reset_history: list[dict] = []
+        self.step, self.last_kl, self.bad_steps = 0, None, 0
+        self.checkpoints = Checkpointer(f"{workdir}/checkpoints", keep_last=cfg.checkpoint.keep_last,
+                                        keep_every=cfg.checkpoint.keep_every,
+                                        async_save=cfg.checkpoint.async_save)
+        self._stop_signal: Optional[int] = None
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    def _enter_stage(self, index: int) -> None:
+        """Switches to stage `index`'s config (its overrides) and optimizer."""
+        self.stage_index = index
+        self.cfg = config_lib.stage_config(self.base_cfg, self.stages, index)
+        optim = OptimConfig.from_config(self.cfg.optim)
+        self.tx, self.schedule = make_optimizer(optim), make_schedule(optim)
+
+    def _build_step_functions(self) -> None:
+        upd = UpdateConfig.from_config(self.cfg)
+        self.update_fn = make_train_step(self.graphdef, self.tx, self.schedule, upd,
+                                         mesh=self.mesh, state_shardings=self.state_shardings)
+        self.policy_logprobs = make_logprob_fn(self.graphdef, upd, mesh=self.mesh,
+                                               param_shardings=self.state_shardings.params)
+        self.ref_logprobs = make_logprob_fn(self.graphdef, upd, mesh=self.mesh,
+                                            param_shardings=self.state_shardings.ref_params)
+
+    # -- one iteration ---------------------------------------------------------------------
+
+    def collect_groups(self, step: int, timer: PhaseTimer) -> tuple[list, dict[str, Any]]:
+        """Rolls out and scores prompt groups until `prompts_per_step` informative groups are
+        kept (dynamic sampling) or `max_generation_rounds` rounds have run."""
+        cfg, r, b = self.cfg, self.cfg.rollout, self.cfg.batch
+        kept, stats, generated, gen_tokens = [], {}, 0, 0
+        for rnd in range(b.max_generation_rounds):
+            prompts = self.prompts.next_batch(b.prompts_per_step)
+            records = [p.record for p in prompts]
+            with timer("rollout"):
+                rollout = self.engine.generate(
+                    [p.prompt_ids for p in prompts], n=r.n, temperature=r.temperature,
+                    top_p=r.top_p, max_new_tokens=r.max_response_tokens,
+                    stop_token_ids=self.stop_ids, seed=_seed(cfg.seed, step, rnd))
+            with timer("reward"):
+                raw = self.score([rec for rec in records for _ in range(r.n)], rollout.token_ids)
+                shaped = batching.shape_rewards(
+                    raw, rollout.response_lengths, rollout.truncated,
+                    max_len=r.max_response_tokens, truncated_reward=cfg.reward.truncated_reward,
+                    soft_overlong_buffer=cfg.reward.soft_overlong_buffer,
+                    soft_overlong_factor=cfg.reward.soft_overlong_factor)
+            groups = batching.split_groups(rollout, records, shaped, raw)
+            if rnd == 0:  # the policy's own performance, before any filtering
+                stats.update(batching.reward_stats(records, raw, r.n))
+                stats.update(batching.rollout_stats(groups, r.max_response_tokens))
+                stats["reward/failures"] = self.score.failures
+            generated += len(groups)
+            gen_tokens += int(rollout.response_lengths.sum())
+            if b.dynamic_sampling:
+                keep = batching.informative_groups(shaped, r.n)
+                groups = [g for g, k in zip(groups, keep) if k]
+            kept.extend(groups[: b.prompts_per_step - len(kept)])
+            if not b.dynamic_sampling or len(kept) >= b.prompts_per_step:
+                break
+        stats.update({"dynamic_sampling/rounds": rnd + 1,
+                      "dynamic_sampling/kept_groups": len(kept),
+                      "dynamic_sampling/dropped_frac": 1.0 - len(kept) / max(generated, 1),
+                      "rollout/generated_tokens": gen_tokens})
+        if len(kept) < b.prompts_per_step:
+            logging.info("step %d: %d of %d groups after %d generation rounds; training on "
+                         "what survived", step, len(kept), b.prompts_per_step, rnd + 1)
+        return kept, stats
+
+    def advantages(self, groups) -> np.ndarray:
+        """f32[groups * n]: GRPO advantages of the kept groups' shaped rewards."""
+        rewards = np.concatenate([g.rewards for g in groups])
+        lc = self.cfg.loss
+        return np.asarray(loss.group_advantages(rewards, self.cfg.rollout.n,
+                                                std_normalize=lc.adv_std_normalize,
+                                                std_scope=lc.adv_std_scope))
+
+    def _device_batch(self, mini: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        rows = mini["input_ids"].shape[0]
+        local = {k: v[host_row_slice(rows)] for k, v in mini.items()}
+        return global_batch(local, self.mesh)
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """One ProRL iteration; returns its metrics."""
+        cfg, timer = self.cfg, PhaseTimer()
+        start = time.perf_counter()
+        groups, metrics = self.collect_groups(step, timer)
+        if not groups:
+            logging.warning("step %d: every group had equal rewards; no update", step)
+            return {**metrics, **timer.pop(), "skipped": 1}
+        adv = self.advantages(groups)
+        rows_per_mini = cfg.batch.mini_batch_prompts * cfg.rollout.n
+        full = batching.build_train_batch(
+            groups, adv, pad_id=self.pad_id, length_bucket=cfg.batch.length_bucket,
+            overlong_filter=cfg.reward.overlong_filter,
+            num_rows=cfg.batch.prompts_per_step * cfg.rollout.n)
+        minis = [self._device_batch(m) for m in batching.mini_batches(full, rows_per_mini)]
+        with timer("logprobs"):  # all before the first update: pi_old is the sampling policy
+            for mb in minis:
+                old_logp, _ = self.policy_logprobs(self.state.params, mb)
+                mb["ref_logp"], _ = self.ref_logprobs(self.state.ref_params, mb)
+                mb["old_logp"] = (mb["sampler_logp"] if cfg.rollout.old_logp_source == "sampler"
+                                  else old_logp)
+                mb["trainer_logp"] = old_logp
+        with timer("update"):
+            updates = []
+            for mb in minis:
+                self.state, m = self.update_fn(self.state, mb)
+                updates.append(m)
+        with timer("sync"):
+            self.engine.update_weights(self.state.params, step + 1)
+        metrics.update(_mean_update_metrics(updates))
+        metrics.update(_mismatch_metrics(minis))
+        metrics.update({"advantage/mean": float(adv.mean()), "advantage/std": float(adv.std()),
+                        "advantage/abs_mean": float(np.abs(adv).mean())})
+        elapsed = time.perf_counter() - start
+        metrics["tokens_per_s"] = metrics["rollout/generated_tokens"] / max(elapsed, 1e-9)
+        metrics.update(timer.pop())
+        return metrics
+
+    # -- the run ---------------------------------------------------------------------------
+
+    def maybe_reset(self, step: int, trigger: Optional[str] = None) -> Optional[dict]:
+        """Hard-resets the reference when a trigger fires (or `trigger` is given)."""
+        stage = config_lib.stage_at(self.stages, step)
+        stage_start = stage != self.stage_index
+        if stage_start:
+            self._enter_stage(stage)
+            self._build_step_functions()
+        trigger = trigger or self.resets.check_step(
+            step, kl=self.last_kl,
+            stage_start=stage_start and step > 0 and self.cfg.reset.on_stage_boundary)
+        if trigger is None:
+            return None
+        self.state, record = reset_reference(self.state, self.tx, step=step, trigger=trigger,
+                                             metrics={"kl": self.last_kl or 0.0})
+        self.reset_history.append(record)
+        self.resets.record_reset(step)
+        logging.info("step %d: reference reset (%s)", step, trigger)
+        return record
+
+    def validate(self, step: int) -> dict[str, float]:
+        if self.val_data is None:
+            return {}
+        e, r = self.cfg.eval, self.cfg.rollout
+        prompts = self.val_data.all_prompts()[: e.max_problems]
+        out = evaluation.validate(
+            self.engine, prompts, self.score, n=e.n_samples,
+            k_values=config_lib.parse_ints(e.k_values, "eval.k_values"),
+            temperature=e.temperature, top_p=r.top_p, max_new_tokens=r.max_response_tokens,
+            stop_token_ids=self.stop_ids, seed=_seed(self.cfg.seed, step, 997),
+            batch_prompts=self.cfg.batch.prompts_per_step)
+        if "val/pass@1" in out:
+            self.resets.record_validation(out["val/pass@1"])
+        return out
+
+    def save(self, step: int) -> None:
+        extra = {"data": self.prompts.state_dict(), "resets": self.reset_history,
+                 "reset_tracker": self.resets.state_dict(), "last_kl": self.last_kl,
+                 "bad_steps": self.bad_steps, "config": self.base_cfg.to_dict()}
+        self.checkpoints.save(step, self.state, extra)
+
+    def restore(self) -> bool:
+        """Restores the latest checkpoint in the workdir, if any; True if it did."""
+        step = self.checkpoints.latest_step()
+        if step is None:
+            return False
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                self.state, self.state_shardings)
+        self.state, extra = self.checkpoints.restore(abstract, step=step)
+        self.prompts.load_state_dict(extra["data"])
+        self.reset_history = list(extra["resets"])
+        self.resets.load_state_dict(extra["reset_tracker"])
+        self.last_kl, self.bad_steps, self.step = extra["last_kl"], extra["bad_steps"], step
+        stage = config_lib.stage_at(self.stages, step)
+        if stage != self.stage_index:
+            self._enter_stage(stage)
+            self._build_step_functions()
+        self.engine.update_weights(self.state.params, step)
+        logging.info("resumed from step %d", step)
+        return True
+
+    def _on_signal(self, signum, frame) -> None:
+        logging.warning("signal %d: saving a checkpoint after this step, then exiting", signum)
+        self._stop_signal = signum
+
+    def run(self, *, reset_on_resume: bool = False) -> dict[str, Any]:
+        """Trains to total_steps; returns the last step's metrics."""
+        resumed = self.restore()
+        writer = MetricsWriter(self.workdir, tensorboard=self.cfg.log.tensorboard,
+                               truncate_after=self.step, is_main=self.is_main)
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        pending_manual = resumed and (reset_on_resume or self.cfg.reset.on_resume)
+        t0, done, metrics = time.perf_counter(), 0, {}
+        try:
+            while self.step < self.base_cfg.total_steps and self._stop_signal is None:
+                step = self.step
+                record = self.maybe_reset(step, resets.MANUAL if pending_manual else None)
+                pending_manual = False
+                metrics = self.train_step(step)
+                self._check_finite(step, metrics)
+                self.last_kl = metrics.get("kl")
+                metrics.update({"stage": self.stage_index,
+                                "reference_resets": len(self.reset_history)})
+                if record is not None:
+                    metrics["reset/trigger"] = record["trigger"]
+                self.step = step + 1
+                e = self.cfg.eval.every_steps
+                if e and (self.step % e == 0 or self.step == self.base_cfg.total_steps):
+                    with_timer = time.perf_counter()
+                    metrics.update(self.validate(self.step))
+                    metrics["time/validate"] = time.perf_counter() - with_timer
+                writer.write(self.step, metrics)
+                done += 1
+                if self.step % self.cfg.log.every_steps == 0 or self.step == 1:
+                    logging.info(console_line(self.step, self.base_cfg.total_steps, metrics,
+                                              time.perf_counter() - t0, done))
+                k = self.cfg.checkpoint.every_steps
+                if k and self.step % k == 0:
+                    self.save(self.step)
+            self.save(self.step)
+        finally:
+            self.checkpoints.wait()
+            writer.close()
+            for s, handler in old.items():
+                signal.signal(s, handler)
+        return metrics
+
+    def _check_finite(self, step: int, metrics: dict) -> None:
+        if metrics.get("nonfinite", 0) > 0:
+            self.bad_steps += 1
+            logging.warning("step %d: non-finite loss or gradient; update not applied (%d in a "
+                            "row)", step, self.bad_steps)
+            if self.bad_steps >= self.cfg.max_nonfinite_steps:
+                self.save(self.step)
+                self.checkpoints.wait()
+                raise NonFiniteError(
+                    f"{self.bad_steps} consecutive steps with a non-finite loss or gradient "
+                    f"(config.max_nonfinite_steps={self.cfg.max_nonfinite_steps}); stopped at "
+                    f"step {step} with the last good weights saved in "
+                    f"{self.workdir}/checkpoints (step {self.step})")
+        else:
+            self.bad_steps = 0
+
+    def close(self) -> None:
+        self.score.close()
+        self.engine.close()
+
+
+def _seed(seed: int, step: int, salt: int) -> int:
+    """A deterministic 31-bit sampling seed per (run seed, step, round)."""
+    return int(np.random.default_rng([seed, step, salt]).integers(2**31 - 1))
+
+
+def _mean_update_metrics(updates: list[dict]) -> dict[str, float]:
+    host = jax.device_get(updates)
+    out = {}
+    for key, name in _UPDATE_METRICS.items():
+        values = [float(u[key]) for u in host if key in u]
+        if values:
+            out[name] = float(np.mean(values))
+    out["nonfinite"] = float(sum(float(u.get("nonfinite", 0)) for u in host))
+    return out
+
+
+def _mismatch_metrics(minis: list[dict]) -> dict[str, float]:
+    """Sampler vs trainer log-prob mismatch on the loss tokens (bf16/engine numerics)."""
+    total, abs_sum, outside = 0.0, 0.0, 0.0
+    for mb in minis:
+        mask = np.asarray(jax.device_get(mb["loss_mask"]))
+        diff = np.asarray(jax.device_get(mb["trainer_logp"])) - np.asarray(
+            jax.device_get(mb["sampler_logp"]))
+        total += mask.sum()
+        abs_sum += float((np.abs(diff) * mask).sum())
+        ratio = np.exp(np.clip(diff, -20, 20))
+        outside += float((((ratio < 0.9) | (ratio > 1.1)) * mask).sum())
+    if total == 0:
+        return {}
+    return {"logp_mismatch/abs_mean": abs_sum / total,
+            "logp_mismatch/ratio_outside_0.9_1.1": outside / total}
