@@ -240,7 +240,7 @@ def test_failed_request_fails_over_to_the_next_server(servers, tmp_path):
 def test_client_errors_are_not_retried(servers, tmp_path):
     client = make_client(servers, tmp_path, check_logprobs_mode=False,
                          max_prompts_per_request=3)
-    with pytest.raises(VLLMServerError, match=r"not retried.*HTTP 400"):
+    with pytest.raises(VLLMServerError, match=r"v1/completions: HTTP 400: .*expected 1..2 prompts"):
         client.generate(PROMPTS[:3], **GEN)
     assert len(completion_bodies(servers[0])) == 1
 
@@ -299,10 +299,10 @@ def test_weight_sync_order_files_and_version(servers, tmp_path):
         assert s.paths(*SYNC_PATHS[:4]) == SYNC_PATHS
         assert [r["body"]["method"] for r in sync if r["path"] == "/collective_rpc"] == [
             LOAD_METHOD, VERSION_METHOD]
-        assert sync[1]["body"]["args"] == [path, 1]
+        assert sync[1]["body"]["args"] == [path, "1"]
         assert not s.paused and s.prefix_cache_resets == 1
         for w in s.workers:
-            assert w.prorl_weight_version() == 1
+            assert w.prorl_weight_version() == {"weight_version": 1}
             assert sorted(w.model_runner.model.weights) == sorted(PARAMS_V1)
             np.testing.assert_array_equal(w.model_runner.model.weights["lm_head.weight"],
                                           PARAMS_V1["lm_head.weight"])
@@ -333,6 +333,17 @@ def test_failed_load_still_resumes_and_reports(servers, tmp_path):
     assert client.weight_version == 0
 
 
+@pytest.mark.parametrize("servers", [[{"extension": False}], [{"dev_mode": False}]],
+                         indirect=True)
+def test_server_without_extension_or_dev_mode_is_named(servers, tmp_path):
+    client = make_client(servers, tmp_path, max_retries=0)
+    match = ("AttributeError.*prorl_load_weights_from_dir" if servers[0].dev_mode else
+             "no /pause: start it with VLLM_SERVER_DEV_MODE=1")
+    with pytest.raises(VLLMServerError, match=match):
+        client.update_weights(PARAMS_V1, 1)
+    assert not servers[0].paused
+
+
 def test_failed_writer_leaves_nothing_and_calls_no_server(servers, tmp_path):
     def broken_writer(params, path):
         open(os.path.join(path, "model.safetensors"), "w").write("half")
@@ -353,7 +364,7 @@ def test_server_weights_dir_is_the_path_sent(servers, tmp_path):
     client = make_client(servers, tmp_path, server_weights_dir=str(tmp_path / "mnt"))
     client.update_weights(PARAMS_V1, 4)
     load = [r for r in servers[0].requests if r["path"] == "/collective_rpc"][0]
-    assert load["body"]["args"] == [str(tmp_path / "mnt" / "policy-v4"), 4]
+    assert load["body"]["args"] == [str(tmp_path / "mnt" / "policy-v4"), "4"]
     assert servers[0].weight_version == 4
 
 
@@ -401,12 +412,13 @@ def test_worker_loads_sharded_directory_with_index(tmp_path):
                   "c.bias": "model-00002-of-00002.safetensors"}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     worker = _worker()
-    assert worker.prorl_weight_version() is None
-    assert worker.prorl_load_weights_from_dir(str(tmp_path), 9) == 9
+    assert worker.prorl_weight_version() == {"weight_version": None}
+    assert worker.prorl_load_weights_from_dir(str(tmp_path), "9") == {"weight_version": 9,
+                                                                      "num_tensors": 3}
     loaded = worker.model_runner.model.loaded
     assert sorted(loaded) == ["a.weight", "b.weight", "c.bias"]  # index decides, not the glob
     np.testing.assert_array_equal(loaded["b.weight"], b["b.weight"])
-    assert worker.prorl_weight_version() == 9
+    assert worker.prorl_weight_version() == {"weight_version": 9}
 
 
 def test_worker_refuses_missing_empty_or_mismatched_directories(tmp_path):
@@ -419,7 +431,8 @@ def test_worker_refuses_missing_empty_or_mismatched_directories(tmp_path):
     (tmp_path / VERSION_FILE).write_text(json.dumps({"weight_version": 5}))
     with pytest.raises(ValueError, match="records weight_version=5, but version 6"):
         worker.prorl_load_weights_from_dir(str(tmp_path), 6)
-    assert worker.prorl_weight_version() is None and worker.model_runner.model.loaded == {}
+    assert worker.prorl_weight_version() == {"weight_version": None}
+    assert worker.model_runner.model.loaded == {}
 
 
 # ---- the launcher ------------------------------------------------------------------------

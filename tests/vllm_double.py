@@ -10,7 +10,8 @@ Switches reproduce what the client must survive: an older server without `token_
 (`old_format`), a slow start (`start_delay_s`: connection refused; `unhealthy_for_s`: 503 from
 /health), `fail_next_completions` 503s, `completion_delay_s` (past the client's timeout), the
 log-prob mode (`logprobs_mode`: raw_logprobs / processed_logprobs / raw_logits /
-processed_logits), `stale_weights` (loads succeed but change nothing) and `fail_rpc_method`.
+processed_logits), `stale_weights` (loads succeed but change nothing), `fail_rpc_method`,
+`extension=False` (no --worker-extension-cls) and `dev_mode=False` (no dev endpoints).
 Every request is recorded in `requests` (method, path, query, body) in arrival order.
 """
 from __future__ import annotations
@@ -103,15 +104,17 @@ class VLLMDouble:
                  completion_delay_s: float = 0.0, eos_token_id: int | None = None,
                  stale_weights: bool = False, fail_rpc_method: str | None = None,
                  max_prompts_per_request: int = 1024, dev_mode: bool = True,
+                 extension: bool = True,
                  server_version: str | None = "0.11.2"):
         self.model, self.vocab_size, self.max_model_len = model, vocab_size, max_model_len
         self.old_format, self.logprobs_mode = old_format, logprobs_mode
         self.start_delay_s, self.unhealthy_for_s = start_delay_s, unhealthy_for_s
         self.fail_next_completions, self.completion_delay_s = fail_next_completions, completion_delay_s
         self.eos_token_id, self.stale_weights = eos_token_id, stale_weights
-        self.fail_rpc_method, self.dev_mode = fail_rpc_method, dev_mode
+        self.fail_rpc_method = fail_rpc_method
         self.max_prompts_per_request, self.server_version = max_prompts_per_request, server_version
-        self.workers = [_fake_worker() for _ in range(num_workers)]
+        self.dev_mode, self.extension = dev_mode, extension
+        self.workers = [_fake_worker(extension) for _ in range(num_workers)]
         self.requests: list[dict] = []
         self.paused = False
         self.prefix_cache_resets = 0
@@ -163,7 +166,9 @@ class VLLMDouble:
 
     @property
     def weight_version(self) -> int:
-        return self.workers[0].prorl_weight_version() or 0
+        if not self.extension:
+            return 0
+        return self.workers[0].prorl_weight_version()["weight_version"] or 0
 
     def paths(self, *prefixes: str) -> list[str]:
         """Recorded request paths (with the query), only those starting with a prefix if given."""
@@ -249,14 +254,18 @@ class VLLMDouble:
         if method == self.fail_rpc_method:
             return 500, {"error": f"{method} failed (switch)"}
         if self.stale_weights and method == "prorl_load_weights_from_dir":
-            return 200, {"results": [args[1]] * len(self.workers)}
+            return 200, {"results": [{"weight_version": int(args[1])}] * len(self.workers)}
         try:
             with self._lock:
                 results = [getattr(w, method)(*args, **(body.get("kwargs") or {}))
                            for w in self.workers]
         except Exception as e:  # what vLLM does: the worker's error becomes a 500
             return 500, {"error": f"{type(e).__name__}: {e}"}
-        return 200, {"results": results}
+        if all(r is None for r in results):
+            return 200, None  # vLLM answers an empty 200 when every worker returned None
+        # vLLM keeps None, dicts and lists, and sends anything else as str(result).
+        return 200, {"results": [r if r is None or isinstance(r, (dict, list)) else str(r)
+                                 for r in results]}
 
     def _reset(self, body, query) -> tuple[int, Any]:
         self.prefix_cache_resets += 1
@@ -290,8 +299,9 @@ class _FakeModel:
         return set(self.weights)
 
 
-def _fake_worker() -> WeightSyncExtension:
-    worker = WeightSyncExtension()
+def _fake_worker(extension: bool) -> Any:
+    """A worker with the project's extension mixed in (or a bare one, as without the flag)."""
+    worker = WeightSyncExtension() if extension else types.SimpleNamespace()
     worker.model_runner = types.SimpleNamespace(model=_FakeModel())
     return worker
 

@@ -24,11 +24,12 @@ import warnings
 from typing import Any, Callable, Sequence
 
 from prorl_jax.rollout.base import RolloutBatch, RolloutEngine
-from prorl_jax.rollout.vllm_http import (VLLMServerError, call_with_retries, request_json,
-                                         wait_for_health)
+from prorl_jax.rollout.vllm_http import (HTTPStatusError, VLLMServerError, call_with_retries,
+                                         request_json, wait_for_health)
 from prorl_jax.rollout.vllm_protocol import (completion_request, first_top_logprobs,
                                              logprobs_mode_verdict, parse_completion_response)
-from prorl_jax.rollout.vllm_worker import LOAD_METHOD, VERSION_FILE, VERSION_METHOD
+from prorl_jax.rollout.vllm_worker import (EXTENSION_CLS, LOAD_METHOD, VERSION_FILE,
+                                           VERSION_METHOD)
 
 log = logging.getLogger(__name__)
 
@@ -252,25 +253,36 @@ class VLLMClient(RolloutEngine):
                             timing={"generate_s": time.perf_counter() - start})
 
     # ---- weight sync ----------------------------------------------------------------------
-    def _rpc(self, url: str, method: str, args: list) -> list:
-        """POST /collective_rpc; returns the per-worker `results` list."""
+    def _rpc(self, url: str, method: str, args: list[str]) -> list[dict]:
+        """POST /collective_rpc; returns the per-worker `results`, each a dict."""
         body = {"method": method, "args": args, "kwargs": {}, "timeout": self.timeout_s}
         resp = self._post(url, "/collective_rpc", body)
         results = resp.get("results") if isinstance(resp, dict) else None
-        if not isinstance(results, list) or not results:
-            raise VLLMServerError(f"{url}/collective_rpc {method}: expected a non-empty "
-                                  f"'results' list, got {resp!r:.200}")
+        if (not isinstance(results, list) or not results
+                or not all(isinstance(r, dict) for r in results)):
+            raise VLLMServerError(f"{url}/collective_rpc {method}: expected 'results' with one "
+                                  f"object per worker, got {resp!r:.200} (is the server "
+                                  f"started with --worker-extension-cls {EXTENSION_CLS}?)")
         return results
 
     def _sync_server(self, url: str, path: str, version: int) -> None:
         """pause(wait) -> load -> reset_prefix_cache -> resume on one server, then the check."""
-        self._post(url, "/pause?mode=wait", {})
         try:
-            self._rpc(url, LOAD_METHOD, [path, version])
+            self._post(url, "/pause?mode=wait", {})
+        except HTTPStatusError as e:
+            if e.status == 404:
+                raise VLLMServerError(f"{url} has no /pause: start it with "
+                                      f"VLLM_SERVER_DEV_MODE=1 (launchers/vllm_server.sh), on a "
+                                      f"vLLM with the pause/resume endpoints ({e})") from e
+            raise
+        try:
+            loaded = self._rpc(url, LOAD_METHOD, [path, str(version)])
             self._post(url, "/reset_prefix_cache", {})
         finally:
             self._post(url, "/resume", {})
-        served = self._rpc(url, VERSION_METHOD, [])
+        if any(r.get("num_tensors", 1) == 0 for r in loaded):
+            raise VLLMServerError(f"{url}: a worker loaded no tensor from {path}: {loaded}")
+        served = [r.get("weight_version") for r in self._rpc(url, VERSION_METHOD, [])]
         if any(v != version for v in served):
             raise VLLMServerError(f"{url}: after loading {path}, workers report weight "
                                   f"versions {served}, expected {version} on every worker")

@@ -102,7 +102,7 @@ def call_with_retries(call: Callable[[str], Any], base_urls: Sequence[str], *, w
             return call(base_urls[attempt % len(base_urls)])
         except VLLMServerError as e:
             if not is_retryable(e):
-                raise VLLMServerError(f"{what} failed (not retried): {e}") from e
+                raise e
             last = e
     raise VLLMServerError(f"{what} failed after {max_retries + 1} attempts "
                           f"(max_retries={max_retries}); last error: {last}") from last

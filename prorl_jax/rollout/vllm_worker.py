@@ -4,8 +4,11 @@ Start the server with
     VLLM_SERVER_DEV_MODE=1 vllm serve MODEL \
         --worker-extension-cls prorl_jax.rollout.vllm_worker.WeightSyncExtension ...
 (launchers/vllm_server.sh does). vLLM mixes the class into every GPU worker, so its methods see
-`self.model_runner`, and `POST /collective_rpc {"method": LOAD_METHOD, "args": [dir, version]}`
-runs `prorl_load_weights_from_dir(dir, version)` on each worker.
+`self.model_runner`, and `POST /collective_rpc {"method": LOAD_METHOD, "args": [dir, "7"]}`
+runs `prorl_load_weights_from_dir(dir, "7")` on each worker. vLLM's endpoint passes args as
+they come (meant as strings: methods deserialise them) and answers `{"results": [...]}`, one
+per worker, keeping dicts, lists and None but turning anything else into str(result); hence
+the version travels as a string and the methods return dicts.
 
 This module runs inside the vLLM server process, where jax may be absent: it imports only the
 standard library at module level (torch and safetensors inside the methods), so it also
@@ -83,26 +86,42 @@ class WeightSyncExtension:
     qkv / gate_up layouts itself).
     """
 
-    def prorl_load_weights_from_dir(self, path: str, version: int) -> int:
-        """Loads every tensor of the HF safetensors directory `path`; returns `version`.
+    def prorl_load_weights_from_dir(self, path: str, version: int | str) -> dict:
+        """Loads every tensor of the HF safetensors directory `path`.
+
+        Returns {"weight_version": int(version), "num_tensors": count loaded}.
 
         When the directory records a weight version (VERSION_FILE) it must equal `version`,
         so a stale or half-replaced directory is refused rather than served.
         """
+        version = int(version)
         recorded = read_version_file(path)
         if recorded is not None and recorded != version:
             raise ValueError(f"{path}/{VERSION_FILE} records weight_version={recorded}, "
                              f"but version {version} was requested")
         files = safetensors_shards(path)
         model = self.model_runner.model
-        model.load_weights(weights=iter_safetensors(files))
+        counted = _Counted(iter_safetensors(files))
+        model.load_weights(weights=counted)
         _synchronize_device()
-        self._prorl_weight_version = int(version)
-        return self._prorl_weight_version
+        self._prorl_weight_version = version
+        return {"weight_version": version, "num_tensors": counted.count}
 
-    def prorl_weight_version(self) -> int | None:
-        """The version last loaded by `prorl_load_weights_from_dir`; None before the first."""
-        return getattr(self, "_prorl_weight_version", None)
+    def prorl_weight_version(self) -> dict:
+        """{"weight_version": the version last loaded here, or None before the first load}."""
+        return {"weight_version": getattr(self, "_prorl_weight_version", None)}
+
+
+class _Counted:
+    """Wraps an iterator of (name, tensor) and counts what was consumed."""
+
+    def __init__(self, items: Iterator[tuple[str, Any]]):
+        self.items, self.count = items, 0
+
+    def __iter__(self):
+        for item in self.items:
+            self.count += 1
+            yield item
 
 
 def _synchronize_device() -> None:
