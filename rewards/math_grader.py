@@ -1,0 +1,84 @@
+"""Math domain (binary): DeepScaleR's rule with math-verify.
+
+    R = 1  if verify(parse(gold), parse("$" + last_boxed(answer) + "$")) for any accepted gold
+    R = 0  otherwise (no `\\boxed{}` in the answer region, unparsable, not equivalent)
+
+math-verify is called gold first (it is not symmetric). Its own timeouts use `signal.alarm`, which
+only works in a process's main thread: `score_batch` runs verifiers in the main thread of worker
+processes; when called from another thread the timeouts are switched off (the caller must then
+bound the time itself, as `score_batch` does by killing the worker).
+"""
+from __future__ import annotations
+
+import functools
+import threading
+
+from rewards.extract import last_boxed
+from rewards.registry import register
+
+PARSE_TIMEOUT_S = 3  # math-verify's per-call limits (integer seconds, signal.alarm)
+VERIFY_TIMEOUT_S = 3
+
+
+def accepted_answers(record: dict, field: str = "answer") -> list[str]:
+    """The record's accepted answer strings; ValueError naming the field if malformed."""
+    gold = record[field]
+    golds = [gold] if isinstance(gold, (str, int, float)) else gold
+    if not isinstance(golds, (list, tuple)) or not golds:
+        raise ValueError(f"field {field!r}: expected a string or a non-empty list of strings")
+    out = []
+    for g in golds:
+        if not isinstance(g, (str, int, float)) or isinstance(g, bool) or not str(g).strip():
+            raise ValueError(f"field {field!r}: expected non-empty strings, got {g!r}")
+        out.append(str(g).strip())
+    return out
+
+
+def _validate(record: dict) -> None:
+    accepted_answers(record)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_gold(gold: str, timeout_s: int | None):
+    import math_verify
+
+    parsed = math_verify.parse(_as_latex(gold), parsing_timeout=timeout_s)
+    if not parsed:  # plain text gold (e.g. "x^2 + 1" without math delimiters)
+        parsed = math_verify.parse(gold, parsing_timeout=timeout_s)
+    return parsed
+
+
+def _as_latex(text: str) -> str:
+    """Wrap in `$...$` unless already delimited, so math-verify reads it as LaTeX."""
+    t = text.strip()
+    return t if t.startswith("$") or t.startswith("\\(") or t.startswith("\\[") else f"${t}$"
+
+
+def equivalent(gold: str, predicted: str) -> bool:
+    """True iff math-verify finds `predicted` (a LaTeX expression) equivalent to `gold`."""
+    import math_verify
+
+    in_main = threading.current_thread() is threading.main_thread()
+    parse_t, verify_t = (PARSE_TIMEOUT_S, VERIFY_TIMEOUT_S) if in_main else (None, None)
+    gold_parsed = _parse_gold(gold, parse_t)
+    pred_parsed = math_verify.parse(_as_latex(predicted), parsing_timeout=parse_t)
+    if not gold_parsed or not pred_parsed:
+        return False
+    return bool(math_verify.verify(gold_parsed, pred_parsed, timeout_seconds=verify_t))
+
+
+def math_reward(golds: list[str], answer: str) -> float:
+    """1.0 if the last `\\boxed{}` of `answer` matches any gold (exact string or math-verify)."""
+    boxed = last_boxed(answer)
+    if boxed is None or not boxed.strip():
+        return 0.0
+    boxed = boxed.strip()
+    if any(boxed == g for g in golds):
+        return 1.0
+    return 1.0 if any(equivalent(g, boxed) for g in golds) else 0.0
+
+
+@register("math", required_fields=("answer",), validate=_validate)
+def score_math(record: dict, answer: str) -> float:
+    """Registry entry for domain "math": record["answer"] is a string or list of strings."""
+    return math_reward(accepted_answers(record), answer)

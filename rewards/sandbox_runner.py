@@ -1,0 +1,166 @@
+"""Test runner executed INSIDE the bubblewrap sandbox by the system interpreter (stdlib only).
+
+Not imported by the host. Reads one JSON job on stdin:
+    {"program": str, "fn_name": str | null, "inputs": [...], "per_test_timeout_s": float,
+     "rlimits": {"AS": bytes, "CPU": s, "NPROC": n, "FSIZE": bytes, "NOFILE": n},
+     "max_output_bytes": int, "drop_to_uid": int | null}
+and, for each test i, forks a child that: starts a new session (process group), applies the
+rlimits, drops to `drop_to_uid` (the runner itself stays the sandbox's root, so the child cannot
+signal it or read its file descriptors), then runs the program with stdin = inputs[i] (stdio
+tests) or calls `fn_name(*inputs[i])` / `Solution().fn_name(*inputs[i])` and writes the JSON
+result to fd 3 (call tests). The runner captures at most `max_output_bytes`, kills the child's
+process group on timeout or overflow, and prints one JSON line per test:
+    {"i": i, "status": "ok" | "error" | "timeout" | "output_limit" | "spawn_failed", "out": str}
+Expected outputs never enter the sandbox: comparison happens on the host.
+"""
+import json
+import os
+import resource
+import selectors
+import signal
+import sys
+import time
+
+_RLIMITS = {"AS": resource.RLIMIT_AS, "CPU": resource.RLIMIT_CPU, "NPROC": resource.RLIMIT_NPROC,
+            "FSIZE": resource.RLIMIT_FSIZE, "NOFILE": resource.RLIMIT_NOFILE}
+
+
+def _child(job, i, in_path, out_w, res_w):
+    """In the forked child: isolate, limit, drop privileges, run test i; never returns."""
+    code = 1
+    try:
+        os.setsid()
+        in_fd = os.open(in_path, os.O_RDONLY)
+        null_fd = os.open("/dev/null", os.O_WRONLY)
+        for src, dst in ((in_fd, 0), (out_w, 1), (null_fd, 2), (res_w, 3)):
+            os.dup2(src, dst)
+        os.closerange(4, 1 << 16)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        for name, value in job["rlimits"].items():
+            resource.setrlimit(_RLIMITS[name], (int(value), int(value)))
+        uid = job.get("drop_to_uid")
+        if uid is not None:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+        work = "/tmp/w%d" % i
+        os.makedirs(work, exist_ok=True)
+        os.chdir(work)
+        sys.stdin = open(0, "r", closefd=False)
+        sys.stdout = open(1, "w", closefd=False)
+        sys.stderr = open(2, "w", closefd=False)
+        code = _run_program(job, job["inputs"][i])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # the program's own error: a failed test
+        code = 1
+    try:
+        sys.stdout.flush()
+    except BaseException:
+        code = code or 1
+    os._exit(code)
+
+
+def _run_program(job, test_input):
+    fn_name = job.get("fn_name")
+    compiled = compile(job["program"], "<solution>", "exec")
+    namespace = {"__name__": "__main__" if not fn_name else "__solution__"}
+    exec(compiled, namespace)
+    if not fn_name:
+        return 0
+    fn = namespace.get(fn_name)
+    if not callable(fn):
+        fn = getattr(namespace["Solution"](), fn_name)
+    args = test_input if isinstance(test_input, list) else [test_input]
+    result = fn(*args)
+    os.write(3, json.dumps(result, default=repr).encode())
+    return 0
+
+
+def _collect(pid, fds, timeout_s, cap):
+    """Read the child's pipes until it exits (or timeout/overflow); returns (status, outputs)."""
+    sel = selectors.DefaultSelector()
+    bufs = {fd: bytearray() for fd in fds}
+    for fd in fds:
+        sel.register(fd, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout_s
+    status, exit_code, open_fds = None, None, set(fds)
+    while status is None:
+        if exit_code is None:
+            done, wstatus = os.waitpid(pid, os.WNOHANG)
+            if done:
+                exit_code = os.waitstatus_to_exitcode(wstatus)
+        if exit_code is not None and not open_fds:
+            status = "ok" if exit_code == 0 else "error"
+            break
+        now = time.monotonic()
+        if now >= deadline:
+            status = "timeout"
+            break
+        wait = min(deadline - now, 0.02 if exit_code is not None else 0.05)
+        events = sel.select(wait)
+        if not events and exit_code is not None:  # exited; only a stray grandchild holds a pipe
+            status = "ok" if exit_code == 0 else "error"
+        for key, _ in events:
+            chunk = os.read(key.fd, 65536)
+            if not chunk:
+                sel.unregister(key.fd)
+                open_fds.discard(key.fd)
+            bufs[key.fd] += chunk
+            if len(bufs[key.fd]) > cap:
+                status = "output_limit"
+    sel.close()
+    return status, [bytes(bufs[fd][:cap]) for fd in fds]
+
+
+def _kill_group(pid):
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def run_test(job, i):
+    """Run test i in a fresh child; returns the result dict printed for it."""
+    in_path = "/tmp/.in/%d" % i
+    test_input = job["inputs"][i]
+    with open(in_path, "w") as f:
+        f.write(test_input if isinstance(test_input, str) and not job.get("fn_name") else "")
+    os.chmod(in_path, 0o444)
+    out_r, out_w = os.pipe()
+    res_r, res_w = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:
+        for fd in (out_r, out_w, res_r, res_w):
+            os.close(fd)
+        return {"i": i, "status": "spawn_failed", "out": ""}
+    if pid == 0:
+        os.close(out_r)
+        os.close(res_r)
+        _child(job, i, in_path, out_w, res_w)
+    os.close(out_w)
+    os.close(res_w)
+    status, (stdout, result) = _collect(pid, [out_r, res_r], job["per_test_timeout_s"],
+                                        job["max_output_bytes"])
+    _kill_group(pid)
+    os.close(out_r)
+    os.close(res_r)
+    out = result if job.get("fn_name") else stdout
+    return {"i": i, "status": status, "out": out.decode("utf-8", errors="replace")}
+
+
+def main():
+    job = json.loads(sys.stdin.buffer.read().decode("utf-8"))
+    os.makedirs("/tmp/.in", mode=0o755, exist_ok=True)
+    for i in range(len(job["inputs"])):
+        sys.stdout.write(json.dumps(run_test(job, i)) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

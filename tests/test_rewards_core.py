@@ -1,0 +1,129 @@
+"""rewards: registry, answer extraction, score/score_batch contract, worker-pool robustness."""
+import os
+import time
+
+import pytest
+
+import rewards
+from rewards import extract
+from rewards.pool import RewardPool
+
+
+# Test-only domains (module level so worker processes can import them by reference).
+@rewards.register("test_echo", required_fields=("value",))
+def _echo(record, answer):
+    return float(record["value"]) if answer.strip() == "ok" else 0.0
+
+
+@rewards.register("test_hang", required_fields=())
+def _hang(record, answer):
+    if answer.strip() == "hang":
+        time.sleep(60)
+    return 1.0
+
+
+@rewards.register("test_crash", required_fields=())
+def _crash(record, answer):
+    if answer.strip() == "raise":
+        raise RuntimeError("checker bug")
+    if answer.strip() == "exit":
+        os._exit(3)  # kills the worker process itself
+    if answer.strip() == "nan":
+        return float("nan")
+    return 1.0
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with RewardPool(2) as p:
+        yield p
+
+
+def test_answer_region_think_modes():
+    assert extract.answer_region("<think>a</think>x</think> final", "require") == " final"
+    assert extract.answer_region("no closing tag", "require") is None
+    assert extract.answer_region("no closing tag", "optional") == "no closing tag"
+    with pytest.raises(ValueError, match="think_mode"):
+        extract.answer_region("x", "sometimes")
+
+
+def test_last_boxed_brace_matching():
+    assert extract.last_boxed(r"\boxed{1} then \boxed{\frac{1}{2}}") == r"\frac{1}{2}"
+    assert extract.last_boxed(r"\boxed{a{b}c}") == "a{b}c"
+    assert extract.last_boxed(r"\boxed{2} and \boxed{unclosed") == "2"
+    assert extract.last_boxed("no box") is None
+    assert extract.last_boxed(r"\fbox{7}") == "7"
+
+
+def test_last_code_block_and_tag():
+    text = "```python\nprint(1)\n```\ntext\n```py\nprint(2)\n```\n```\nnot python\n```"
+    assert extract.last_code_block(text) == "print(2)\n"
+    assert extract.last_code_block("no code") is None
+    assert extract.last_tagged("<answer>1</answer> <answer> 2 </answer>") == "2"
+
+
+def test_record_errors_name_the_field():
+    with pytest.raises(rewards.RecordError, match="'domain'"):
+        rewards.score({"answer": "1"}, "</think>x")
+    with pytest.raises(rewards.RecordError, match="unknown domain 'chess'"):
+        rewards.score({"domain": "chess"}, "</think>x")
+    with pytest.raises(rewards.RecordError, match="missing field 'answer'"):
+        rewards.score({"domain": "math"}, "</think>x")
+    with pytest.raises(rewards.RecordError, match="record 1 .*'tests.outputs'"):
+        rewards.score_batch([{"domain": "math", "answer": "1"},
+                             {"domain": "code", "tests": {"inputs": ["1"]}}], ["a", "b"])
+    with pytest.raises(ValueError, match="2 records but 1 responses"):
+        rewards.score_batch([{"domain": "math", "answer": "1"}] * 2, ["a"])
+
+
+def test_register_rejects_a_second_function():
+    with pytest.raises(ValueError, match="already registered"):
+        rewards.register("math", required_fields=("answer",))(lambda r, a: 1.0)
+
+
+def test_score_in_process_and_think_mode():
+    rec = {"domain": "test_echo", "value": 0.25}
+    assert rewards.score(rec, "<think>hm</think>ok") == 0.25
+    assert rewards.score(rec, "ok") == 0.0  # no </think>: unanswered
+    assert rewards.score(rec, "ok", think_mode="optional") == 0.25
+    assert rewards.score({"domain": "test_crash"}, "</think>raise") == 0.0
+
+
+def test_score_batch_statuses_and_reuse(pool):
+    recs = [{"domain": "test_echo", "value": v} for v in (0.5, 1.0, 2.0, -1.0)]
+    resps = ["</think>ok", "</think>no", "</think>ok", "ok"]
+    r, d = pool.score_batch(recs, resps, return_details=True)
+    assert r == [0.5, 0.0, 1.0, 0.0]  # 2.0 clipped to 1; no </think> -> unanswered
+    assert d.status == ["ok", "ok", "ok", "unanswered"]
+    pids = sorted(w.process.pid for w in pool._workers)
+    r2 = pool.score_batch(recs * 10, resps * 10)
+    assert r2 == r * 10
+    assert sorted(w.process.pid for w in pool._workers) == pids  # same workers reused
+
+
+def test_crashing_checkers_give_zero_and_a_count(pool):
+    answers = ["fine", "raise", "nan", "exit", "fine"]
+    recs = [{"domain": "test_crash"}] * len(answers)
+    r, d = pool.score_batch(recs, ["</think>" + a for a in answers], return_details=True)
+    assert r == [1.0, 0.0, 0.0, 0.0, 1.0]
+    assert d.status == ["ok", "crash", "crash", "crash", "ok"]
+    assert d.num_crashed == 3
+    assert pool.score_batch(recs[:1], ["</think>fine"]) == [1.0]  # pool still usable
+
+
+def test_hanging_checker_cannot_stall_the_batch(pool):
+    answers = ["x", "hang", "x", "x", "hang", "x"]
+    t0 = time.monotonic()
+    r, d = pool.score_batch([{"domain": "test_hang"}] * 6, ["</think>" + a for a in answers],
+                            timeout_s=1.0, return_details=True)
+    elapsed = time.monotonic() - t0
+    assert r == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+    assert d.num_timed_out == 2 and d.status[1] == "timeout"
+    assert elapsed < 8.0, elapsed
+    assert pool.score_batch([{"domain": "test_hang"}], ["</think>x"]) == [1.0]
+
+
+def test_module_level_score_batch_uses_shared_pool():
+    recs = [{"domain": "math", "answer": "2"}, {"domain": "toy", "answer": "7"}]
+    assert rewards.score_batch(recs, [r"</think>\boxed{2}", "</think>7"]) == [1.0, 1.0]
+    assert rewards.default_pool() is rewards.default_pool()
