@@ -104,13 +104,14 @@ def _validate_prompt(prompt: Any, where: str) -> None:
                             f"{{'role': one of {list(CHAT_ROLES)}, 'content': str}}, got {msg!r}")
 
 
-def load_records(path: str | os.PathLike) -> list[dict]:
-    """Validated problem records from a .jsonl, .json (a list of objects) or .parquet file."""
+def read_rows(path: str | os.PathLike) -> list[tuple[str, Any]]:
+    """Raw rows of a .jsonl, .json (a list) or .parquet file, each with its location
+    ("FILE line N" for jsonl, 1-based; "FILE row N" otherwise, 0-based); no validation."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise DataError(f"{path}: data file not found")
     if path.endswith(".jsonl"):
-        return [validate_record(rec, f"{path} line {line}") for line, rec in _read_jsonl(path)]
+        return [(f"{path} line {line}", row) for line, row in _read_jsonl(path)]
     if path.endswith(".json"):
         with open(path) as f:
             try:
@@ -123,7 +124,12 @@ def load_records(path: str | os.PathLike) -> list[dict]:
         rows = _read_parquet(path)
     else:
         raise DataError(f"{path}: unknown data file type; expected .jsonl, .json or .parquet")
-    return [validate_record(rec, f"{path} row {i}") for i, rec in enumerate(rows)]
+    return [(f"{path} row {i}", row) for i, row in enumerate(rows)]
+
+
+def load_records(path: str | os.PathLike) -> list[dict]:
+    """Validated problem records from a .jsonl, .json (a list of objects) or .parquet file."""
+    return [validate_record(row, where) for where, row in read_rows(path)]
 
 
 def _read_jsonl(path: str) -> Iterable[tuple[int, Any]]:

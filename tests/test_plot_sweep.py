@@ -1,5 +1,4 @@
 """Training-curve plotting (prorl_jax/plot.py) and the override sweep (launchers/sweep.py)."""
-import importlib.util
 import json
 import math
 import os
@@ -8,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from fixtures.launcher import load_launcher
 
 from prorl_jax import plot
 
@@ -16,14 +16,9 @@ FAKE_MAIN = os.path.join(ROOT, "tests", "fixtures", "fake_main.py")
 RESET_RED = np.array([0.839, 0.153, 0.157])  # matplotlib "tab:red"
 
 
-def _load_sweep():
-    spec = importlib.util.spec_from_file_location("sweep", os.path.join(ROOT, "launchers", "sweep.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
-sweep = _load_sweep()
+sweep = load_launcher("sweep")
 
 
 def _synthetic_metrics(workdir, steps=40, resets=(15, 30), partial_tail=False):

@@ -1,12 +1,12 @@
 """The CPU demo's pieces: the shipped character-level tokenizer, the toy task generator and its
 reward (launchers/make_demo_tokenizer.py, prorl_jax/toy_task.py, rewards/toy.py)."""
 import filecmp
-import importlib.util
 import json
 import os
 import re
 
 import pytest
+from fixtures.launcher import load_launcher
 
 from prorl_jax import toy_task
 
@@ -15,12 +15,6 @@ TOKENIZER_DIR = os.path.join(ROOT, "prorl_jax", "assets", "demo_tokenizer")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
 
-def _load_builder():
-    spec = importlib.util.spec_from_file_location(
-        "make_demo_tokenizer", os.path.join(ROOT, "launchers", "make_demo_tokenizer.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +26,7 @@ def tokenizer():
 # ---------------------------------------------------------------- demo tokenizer
 
 def test_shipped_tokenizer_is_what_the_script_builds(tmp_path):
-    _load_builder().main(["--out", str(tmp_path)])
+    load_launcher("make_demo_tokenizer").main(["--out", str(tmp_path)])
     names = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
     match, mismatch, errors = filecmp.cmpfiles(tmp_path, TOKENIZER_DIR, names, shallow=False)
     assert match == names, (mismatch, errors)
