@@ -4,8 +4,8 @@ domains by weight, served in a deterministic, resumable order.
 A problem record is a dict (one line of a .jsonl file, one element of a .json list, one row of a
 .parquet file):
     prompt:  str, or a list of chat messages [{"role": "system"|"user"|"assistant", "content": str}]
-    domain:  "math" | "stem" | "code" | "logic" | "ifeval" | "toy" | any domain the rewards
-             registry knows, plus that domain's fields (math/stem: answer; code: tests; logic:
+    domain:  "math" | "stem" | "code" | "logic" | "ifeval" | "toy" | any domain registered in
+             the rewards registry (which validates it), plus that domain's fields (math/stem: answer; code: tests; logic:
              task, entry; ifeval: instruction_id_list, kwargs; toy: answer)
     id:      optional
 Bad rows raise `DataError` naming the file, the line (jsonl: 1-based line; json/parquet: 0-based
@@ -28,17 +28,6 @@ import numpy as np
 
 CHAT_ROLES = ("system", "user", "assistant")
 
-# Per-domain required fields, used only while the rewards package does not export its registry
-# (`rewards.get_domain`); once it does, the registry validates the domain fields.
-_FALLBACK_REQUIRED_FIELDS = {
-    "math": ("answer",),
-    "stem": ("answer",),
-    "code": ("tests",),
-    "logic": ("task", "entry"),
-    "ifeval": ("instruction_id_list", "kwargs"),
-    "toy": ("answer",),
-}
-
 RecordSource = Union[str, os.PathLike, Sequence[dict]]
 
 
@@ -46,37 +35,20 @@ class DataError(ValueError):
     """A data file or record is not in the expected format (the message says where and why)."""
 
 
-def _rewards_registry():
-    """The rewards package when it exports its registry (`get_domain`), else None."""
-    try:
-        import rewards
-    except ImportError:
-        return None
-    return rewards if hasattr(rewards, "get_domain") else None
-
-
 def _validate_domain_fields(record: dict, where: str) -> None:
-    registry = _rewards_registry()
-    if registry is not None:
-        try:
-            registry.get_domain(record)
-        except ValueError as e:  # rewards' RecordError names the field
-            raise DataError(f"{where}: {e}") from None
-        return
-    domain = record["domain"]
-    if domain not in _FALLBACK_REQUIRED_FIELDS:
-        raise DataError(f"{where}: field 'domain': {domain!r} unknown; expected one of "
-                        f"{sorted(_FALLBACK_REQUIRED_FIELDS)}")
-    needed = _FALLBACK_REQUIRED_FIELDS[domain]
-    missing = [f for f in needed if record.get(f) is None]
-    if missing:
-        raise DataError(f"{where}: missing field {missing[0]!r}: domain {domain!r} records "
-                        f"need {list(needed)}")
+    """The rewards registry checks the domain and its required fields (and the domain's own
+    validate hook); importing `rewards` registers every domain's verifier."""
+    import rewards  # noqa: F401
+    from rewards.registry import get_domain
+    try:
+        get_domain(record)
+    except ValueError as e:  # rewards' RecordError names the field
+        raise DataError(f"{where}: {e}") from None
 
 
 def validate_record(record: Any, where: str) -> dict:
     """Checks `prompt`, `domain` and the domain's required fields (through the rewards
-    registry when available); returns the record. `where` (e.g. "train.jsonl line 3")
+    registry); returns the record. `where` (e.g. "train.jsonl line 3")
     prefixes every error message."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object (problem record), "
