@@ -368,6 +368,24 @@ def test_server_weights_dir_is_the_path_sent(servers, tmp_path):
     assert servers[0].weight_version == 4
 
 
+def test_default_writer_syncs_a_qwen2_model_in_bfloat16(servers, tmp_path):
+    import ml_dtypes
+    from prorl_jax.models import PRESETS, hf_tensors, init_model
+
+    model = init_model(PRESETS["tiny"].replace(num_hidden_layers=1), seed=0)
+    client = make_client(servers, tmp_path, weight_writer=None)  # save_pretrained, bf16
+    client.update_weights(model, 2)
+    assert "config.json" in os.listdir(tmp_path / "weights" / "policy-v2")
+    expected = dict(hf_tensors(model, dtype=np.float32))
+    for w in servers[0].workers:
+        got = w.model_runner.model
+        assert sorted(got.weights) == sorted(expected)
+        assert set(got.dtypes.values()) == {"torch.bfloat16"}
+        for name, x in expected.items():
+            bf16 = x.astype(ml_dtypes.bfloat16).astype(np.float32)
+            np.testing.assert_array_equal(got.weights[name], bf16, err_msg=name)
+
+
 # ---- the worker extension ----------------------------------------------------------------
 def test_worker_module_imports_without_vllm_torch_or_jax():
     blocker = ("import sys\n"

@@ -26,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
+import torch  # noqa: F401  (loaded up front, as in a real server, so no call waits on it)
 
 from prorl_jax.rollout.vllm_worker import WeightSyncExtension
 
@@ -292,10 +293,12 @@ class _FakeModel:
 
     def __init__(self):
         self.weights: dict[str, np.ndarray] = {}
+        self.dtypes: dict[str, str] = {}
 
     def load_weights(self, weights):
-        for name, tensor in weights:
-            self.weights[name] = tensor.numpy().copy()
+        for name, tensor in weights:  # float32 copies (numpy has no bfloat16)
+            self.weights[name] = tensor.float().numpy().copy()
+            self.dtypes[name] = str(tensor.dtype)
         return set(self.weights)
 
 
