@@ -54,14 +54,31 @@ def _as_latex(text: str) -> str:
     return t if t.startswith("$") or t.startswith("\\(") or t.startswith("\\[") else f"${t}$"
 
 
-def equivalent(gold: str, predicted: str) -> bool:
-    """True iff math-verify finds `predicted` (a LaTeX expression) equivalent to `gold`."""
+def _timeouts() -> tuple[int | None, int | None]:
+    """math-verify's (parse, verify) limits: off outside the main thread (signal.alarm)."""
+    if threading.current_thread() is threading.main_thread():
+        return PARSE_TIMEOUT_S, VERIFY_TIMEOUT_S
+    return None, None
+
+
+def parse_prediction(predicted: str):
+    """math-verify's parse of a predicted LaTeX expression ([] if unparsable)."""
     import math_verify
 
-    in_main = threading.current_thread() is threading.main_thread()
-    parse_t, verify_t = (PARSE_TIMEOUT_S, VERIFY_TIMEOUT_S) if in_main else (None, None)
+    return math_verify.parse(_as_latex(predicted), parsing_timeout=_timeouts()[0])
+
+
+def equivalent(gold: str, predicted: str, pred_parsed=None) -> bool:
+    """True iff math-verify finds `predicted` (a LaTeX expression) equivalent to `gold`.
+
+    `pred_parsed` (from `parse_prediction`) saves re-parsing when checking several golds.
+    """
+    import math_verify
+
+    parse_t, verify_t = _timeouts()
     gold_parsed = _parse_gold(gold, parse_t)
-    pred_parsed = math_verify.parse(_as_latex(predicted), parsing_timeout=parse_t)
+    if pred_parsed is None:
+        pred_parsed = parse_prediction(predicted)
     if not gold_parsed or not pred_parsed:
         return False
     return bool(math_verify.verify(gold_parsed, pred_parsed, timeout_seconds=verify_t))
@@ -75,7 +92,8 @@ def math_reward(golds: list[str], answer: str) -> float:
     boxed = boxed.strip()
     if any(boxed == g for g in golds):
         return 1.0
-    return 1.0 if any(equivalent(g, boxed) for g in golds) else 0.0
+    pred_parsed = parse_prediction(boxed)
+    return 1.0 if any(equivalent(g, boxed, pred_parsed) for g in golds) else 0.0
 
 
 @register("math", required_fields=("answer",), validate=_validate)
