@@ -157,3 +157,86 @@ def test_sweep_runs_grid_and_writes_summary(tmp_path):
     assert failed[1] == "3" and failed[2] == "-"
     assert "Runs without metrics" in summary
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------- cluster launchers
+
+def _fake_bin(tmp_path, scripts):
+    """Executables on a temporary PATH (stand-ins for scontrol/srun/curl/vllm/python)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in scripts.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
+
+
+@pytest.mark.parametrize("script", ["slurm_h100.sbatch", "tpu_pod.sh"])
+def test_launcher_syntax(script):
+    out = subprocess.run(["bash", "-n", os.path.join(ROOT, "launchers", script)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_slurm_launcher_starts_servers_and_trainer(tmp_path):
+    log = tmp_path / "calls.log"
+    path = _fake_bin(tmp_path, {
+        "scontrol": "printf 'gpu01\\ngpu02\\ngpu03\\n'\n",
+        # run the step locally: drop srun's options, process id 0
+        "srun": 'while [ $# -gt 0 ]; do case "$1" in -w) shift 2;; -*) shift;; *) break;; '
+                'esac; done\nSLURM_PROCID=0 exec "$@"\n',
+        "curl": "exit 0\n",
+        "fakevllm": f'echo "vllm CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES $*" >> {log}\n',
+        "fakepython": f'echo "trainer $*" >> {log}\n',
+    })
+    env = dict(os.environ, PATH=path, SLURM_JOB_NODELIST="gpu[01-03]", SLURM_SUBMIT_DIR=ROOT,
+               MODEL_PATH="/models/m", WORKDIR=str(tmp_path / "run"), TRAIN_NODES="2",
+               VLLM_TP="2", VLLM="fakevllm", PYTHON="fakepython")
+    out = subprocess.run(["bash", os.path.join(ROOT, "launchers", "slurm_h100.sbatch"),
+                          "--config.total_steps=7"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    calls = log.read_text().splitlines()
+    servers = sorted(c for c in calls if c.startswith("vllm"))
+    assert len(servers) == 4  # 8 GPUs / TP 2 on the one serving node
+    for s, gpus in enumerate(["0,1", "2,3", "4,5", "6,7"]):
+        assert servers[s].startswith(f"vllm CUDA_VISIBLE_DEVICES={gpus} serve /models/m")
+        assert f"--port {8000 + s}" in servers[s] and "--tensor-parallel-size 2" in servers[s]
+    trainer = [c for c in calls if c.startswith("trainer")]
+    assert trainer == [
+        "trainer -m prorl_jax.main --config=configs/prorl.py "
+        f"--workdir={tmp_path}/run --coordinator_address=gpu01:12355 --num_processes=2 "
+        "--config.model.path=/models/m --config.rollout.engine=vllm "
+        "--config.rollout.vllm_urls=http://gpu03:8000,http://gpu03:8001,http://gpu03:8002,"
+        f"http://gpu03:8003 --config.rollout.weights_dir={tmp_path}/run/policy_weights "
+        "--config.total_steps=7 --process_id=0"]
+
+
+def test_slurm_launcher_refuses_too_few_nodes(tmp_path):
+    path = _fake_bin(tmp_path, {"scontrol": "printf 'gpu01\\ngpu02\\n'\n"})
+    env = dict(os.environ, PATH=path, SLURM_JOB_NODELIST="gpu[01-02]", SLURM_SUBMIT_DIR=ROOT,
+               MODEL_PATH="/m", WORKDIR=str(tmp_path), TRAIN_NODES="2")
+    out = subprocess.run(["bash", os.path.join(ROOT, "launchers", "slurm_h100.sbatch")],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "need more than TRAIN_NODES=2" in out.stderr
+
+
+def test_tpu_launcher_runs_same_command_on_all_workers(tmp_path):
+    log = tmp_path / "gcloud.log"
+    path = _fake_bin(tmp_path, {"gcloud": f'printf "%s\\n" "$*" >> {log}\n'})
+    env = dict(os.environ, PATH=path, TPU_NAME="pod", ZONE="us-x", WORKDIR="gs://b/run",
+               MODEL_PATH="/mnt/m", SETUP="1")
+    out = subprocess.run(["bash", os.path.join(ROOT, "launchers", "tpu_pod.sh"),
+                          "--config.total_steps=9"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    setup, train = log.read_text().splitlines()
+    assert setup.startswith("compute tpus tpu-vm ssh pod --zone=us-x --worker=all --command=")
+    assert "pip install -q -e '.[tpu]'" in setup
+    assert train == ("compute tpus tpu-vm ssh pod --zone=us-x --worker=all --command=cd "
+                     "~/prorl-jax && python3 -m prorl_jax.main --config=configs/prorl.py "
+                     "--workdir=gs://b/run --config.rollout.engine=jax "
+                     "--config.model.path=/mnt/m --config.total_steps=9 ")
+    missing = subprocess.run(["bash", os.path.join(ROOT, "launchers", "tpu_pod.sh")],
+                             env=dict(env, TPU_NAME=""), capture_output=True, text=True)
+    assert missing.returncode != 0 and "TPU_NAME" in missing.stderr
