@@ -39,11 +39,11 @@ def inputs():
     return jnp.asarray(hidden), jnp.asarray(head_weight), jnp.asarray(targets)
 
 
-def weighted_total(fn, temperature):
+def weighted_total(fn):
     """A scalar mixing logp and entropy with fixed weights, to check both gradients."""
     weights = jnp.asarray(np.random.default_rng(1).normal(size=(2, BATCH, TIME)), jnp.float32)
 
-    def total(hidden, head_weight, targets):
+    def total(hidden, head_weight, targets, temperature):
         logp, entropy = fn(hidden, head_weight, targets, temperature)
         return jnp.sum(weights[0] * logp + weights[1] * entropy)
     return total
@@ -56,8 +56,9 @@ def chunked(hidden, head_weight, targets, temperature=1.0):
 
 
 chunked_jit = jax.jit(chunked)
-chunked_grad = jax.jit(jax.grad(weighted_total(chunked, 1.3), argnums=(0, 1)))
-naive_grad = jax.jit(jax.grad(weighted_total(naive_logprobs, 1.3), argnums=(0, 1)))
+GRAD_ARGS = (0, 1, 3)   # hidden, head_weight, temperature
+chunked_grad = jax.jit(jax.grad(weighted_total(chunked), argnums=GRAD_ARGS))
+naive_grad = jax.jit(jax.grad(weighted_total(naive_logprobs), argnums=GRAD_ARGS))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 1.3])
@@ -74,9 +75,10 @@ def test_matches_naive_full_logits(inputs, temperature):
 
 
 def test_gradients_match_naive_full_logits(inputs):
+    """Gradients w.r.t. hidden, head_weight and temperature."""
     with jax.default_matmul_precision("highest"):
-        got = chunked_grad(*inputs)
-        want = naive_grad(*inputs)
+        got = chunked_grad(*inputs, 1.3)
+        want = naive_grad(*inputs, 1.3)
     for g, w in zip(got, want):
         assert np.abs(np.asarray(w)).max() > 1e-2
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
@@ -113,25 +115,56 @@ def test_gradient_never_holds_token_by_vocab_logits(inputs):
     tokens = BATCH * TIME
     assert tokens * VOCAB >= 7 * CHUNK * VOCAB   # the bound below is far from the full size
     for fn in (chunked, naive_logprobs):
-        jaxpr = jax.make_jaxpr(jax.grad(weighted_total(fn, 1.0), argnums=(0, 1)))(*inputs)
+        jaxpr = jax.make_jaxpr(jax.grad(weighted_total(fn), argnums=GRAD_ARGS))(*inputs, 1.3)
         largest = _largest_buffer(jaxpr.jaxpr)
         if fn is naive_logprobs:   # the inspection does see a full-logits buffer when one exists
             assert largest >= tokens * VOCAB
         else:
             assert largest <= max(CHUNK * VOCAB, WIDTH * VOCAB), largest
-    compiled = chunked_grad.lower(*inputs).compile().memory_analysis()
+    compiled = chunked_grad.lower(*inputs, 1.3).compile().memory_analysis()
     if compiled is not None:   # XLA's own account of the temporaries, where the backend gives it
         assert compiled.temp_size_in_bytes < tokens * VOCAB * 4
 
 
-def test_without_checkpoint_the_backward_pass_would_stack_chunk_logits(inputs, monkeypatch):
-    """Negative control: with the jax.checkpoint removed, lax.map saves every chunk's logits
-    for the backward pass, a [num_chunks, chunk, vocab] buffer the inspection catches."""
-    import prorl_jax.loss.logprobs as logprobs_module
-    monkeypatch.setattr(logprobs_module, "_chunk_logprobs",
-                        logprobs_module._chunk_logprobs.__wrapped__)
-    jaxpr = jax.make_jaxpr(jax.grad(weighted_total(chunked, 1.0), argnums=(0, 1)))(*inputs)
+def autodiff_map_logprobs(hidden, head_weight, targets, temperature=1.0):
+    """Negative control: chunks through lax.map, but differentiated by plain autodiff (no
+    written backward), which saves every chunk's softmax for the backward pass."""
+    tokens = hidden.shape[0] * hidden.shape[1]
+    pad = -tokens % CHUNK
+
+    def one_chunk(xs):
+        h, t = xs
+        logsm = jax.nn.log_softmax(h @ head_weight / temperature, axis=-1)
+        return (jnp.take_along_axis(logsm, t[:, None], -1)[:, 0],
+                -jnp.sum(jnp.exp(logsm) * logsm, -1))
+    chunks = (jnp.pad(hidden.reshape(tokens, WIDTH), ((0, pad), (0, 0))).reshape(-1, CHUNK, WIDTH),
+              jnp.pad(targets.reshape(tokens), (0, pad)).reshape(-1, CHUNK))
+    logp, entropy = jax.lax.map(one_chunk, chunks)
+    return (logp.reshape(-1)[:tokens].reshape(targets.shape),
+            entropy.reshape(-1)[:tokens].reshape(targets.shape))
+
+
+def test_the_inspection_catches_stacked_chunk_logits(inputs):
+    jaxpr = jax.make_jaxpr(jax.grad(weighted_total(autodiff_map_logprobs),
+                                    argnums=GRAD_ARGS))(*inputs, 1.3)
     assert _largest_buffer(jaxpr.jaxpr) >= BATCH * TIME * VOCAB
+
+
+def test_bf16_gradients_within_bf16_rounding(inputs):
+    """bf16 hidden and head: gradients come back in bf16, within bf16 rounding of the f32
+    gradients of the same (bf16-rounded) inputs; the head's is summed over 8 chunks in f32."""
+    hidden, head_weight, targets = (x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x
+                                    for x in inputs)
+    def bf16_chunked(h, w, t, temperature):
+        return token_logprobs(h, w, t, temperature=temperature, chunk_size=CHUNK)
+    got = jax.jit(jax.grad(weighted_total(bf16_chunked), argnums=(0, 1)))(
+        hidden, head_weight, targets, 1.3)
+    with jax.default_matmul_precision("highest"):
+        want = naive_grad(hidden.astype(jnp.float32), head_weight.astype(jnp.float32), targets, 1.3)
+    for g, w in zip(got, want):
+        assert g.dtype == jnp.bfloat16
+        scale = float(jnp.abs(w).max())
+        np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=2e-2, atol=2e-2 * scale)
 
 
 def test_bad_input_names_the_field(inputs):

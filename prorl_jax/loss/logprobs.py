@@ -1,15 +1,21 @@
 """Per-token log-probs and entropies from final hidden states, without full logits.
 
-For token s (flattened over [batch, time]) with hidden state h_s and LM head W [hidden, vocab]:
+For token s (flattened over [batch, time]) with hidden state h_s, LM head W [hidden, vocab] and
+z_s = (h_s @ W) / temperature (matmul in the inputs' dtype, f32 accumulation; f32 after that):
 
-    z_s      = (h_s @ W) / temperature                    (f32 accumulation, f32 division)
-    logp_s   = z_s[target_s] - logsumexp(z_s)
-    entropy_s = logsumexp(z_s) - sum_v softmax(z_s)_v * z_s,v   (= -sum_v p_v log p_v)
+    logp_s    = z_s[target_s] - logsumexp(z_s)
+    entropy_s = logsumexp(z_s) - sum_v p_v z_v          (= -sum_v p_v log p_v, p = softmax(z_s))
 
-The tokens are processed chunk_size at a time by a lax.map whose body is wrapped in
-jax.checkpoint, so neither the forward nor the backward pass holds more than one
-[chunk_size, vocab] block of logits (the full [batch * time, vocab] would be ~10 GB in f32 for
-Qwen2's 151,936-entry vocabulary at 16k tokens).
+Tokens are processed chunk_size at a time (lax.map forward, lax.scan backward) and the backward
+pass is written out (custom_vjp) so that neither pass holds more than one [chunk_size, vocab]
+block of logits: the full [batch * time, vocab] would be ~10 GB in f32 for Qwen2's
+151,936-entry vocabulary at 16k tokens. Per chunk the backward recomputes z and p and uses
+
+    d logp_s / d z_s    = onehot(target_s) - p
+    d entropy_s / d z_s = -p * (z_s - sum_v p_v z_v)
+
+with dW = sum over chunks of h^T @ (dz / temperature), accumulated in f32 whatever W's dtype.
+Reverse mode (jax.grad, jax.vjp) is supported; forward mode (jax.jvp) is not.
 """
 from __future__ import annotations
 
@@ -22,17 +28,64 @@ from prorl_jax.loss._checks import check_ndim, is_concrete_number
 DEFAULT_CHUNK_SIZE = 1024
 
 
-@jax.checkpoint
-def _chunk_logprobs(hidden, head_weight, targets, temperature):
+def _chunk_forward(hidden, head_weight, targets, temperature):
     """hidden [chunk, hidden], head_weight [hidden, vocab], targets int32[chunk] ->
-    (logp f32[chunk], entropy f32[chunk])."""
-    logits = jnp.dot(hidden, head_weight, preferred_element_type=jnp.float32)
-    logits = logits.astype(jnp.float32) / temperature
-    log_normaliser = jax.nn.logsumexp(logits, axis=-1)
-    target_logits = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-    probs = jnp.exp(logits - log_normaliser[:, None])
-    entropy = log_normaliser - jnp.sum(probs * logits, axis=-1)
-    return target_logits - log_normaliser, entropy
+    logp f32[chunk], entropy f32[chunk], probs f32[chunk, vocab], z f32[chunk, vocab],
+    mean_z f32[chunk] (= sum_v p_v z_v)."""
+    z = jnp.dot(hidden, head_weight, preferred_element_type=jnp.float32).astype(jnp.float32)
+    z = z / temperature
+    log_normaliser = jax.nn.logsumexp(z, axis=-1)
+    probs = jnp.exp(z - log_normaliser[:, None])
+    mean_z = jnp.sum(probs * z, axis=-1)
+    logp = jnp.take_along_axis(z, targets[:, None], axis=-1)[:, 0] - log_normaliser
+    return logp, log_normaliser - mean_z, probs, z, mean_z
+
+
+def _chunk_backward(hidden, head_weight, targets, temperature, g_logp, g_entropy):
+    """Cotangents of one chunk: (d hidden [chunk, hidden] in hidden's dtype,
+    d head_weight f32[hidden, vocab], d temperature f32[])."""
+    _, _, probs, z, mean_z = _chunk_forward(hidden, head_weight, targets, temperature)
+    dz = -probs * (g_logp[:, None] + g_entropy[:, None] * (z - mean_z[:, None]))
+    dz = dz.at[jnp.arange(z.shape[0]), targets].add(g_logp)
+    d_temperature = -jnp.sum(dz * z) / temperature
+    d_logits = (dz / temperature).astype(jnp.result_type(hidden, head_weight))
+    d_hidden = jnp.dot(d_logits, head_weight.T, preferred_element_type=jnp.float32)
+    d_weight = jnp.dot(hidden.T, d_logits, preferred_element_type=jnp.float32)
+    return d_hidden.astype(hidden.dtype), d_weight.astype(jnp.float32), d_temperature
+
+
+@jax.custom_vjp
+def _chunked_logprobs(chunked_hidden, head_weight, chunked_targets, temperature):
+    """chunked_hidden [chunks, chunk, hidden], chunked_targets int32[chunks, chunk] ->
+    (logp, entropy) f32[chunks, chunk]."""
+    def one_chunk(xs):
+        return _chunk_forward(xs[0], head_weight, xs[1], temperature)[:2]
+    return jax.lax.map(one_chunk, (chunked_hidden, chunked_targets))
+
+
+def _chunked_logprobs_fwd(chunked_hidden, head_weight, chunked_targets, temperature):
+    outputs = _chunked_logprobs(chunked_hidden, head_weight, chunked_targets, temperature)
+    return outputs, (chunked_hidden, head_weight, chunked_targets, temperature)
+
+
+def _chunked_logprobs_bwd(residuals, cotangents):
+    chunked_hidden, head_weight, chunked_targets, temperature = residuals
+
+    def step(carry, xs):
+        d_weight, d_temperature = carry
+        d_hidden, d_weight_chunk, d_temperature_chunk = _chunk_backward(
+            xs[0], head_weight, xs[1], temperature, xs[2], xs[3])
+        return (d_weight + d_weight_chunk, d_temperature + d_temperature_chunk), d_hidden
+
+    zero = (jnp.zeros(head_weight.shape, jnp.float32), jnp.zeros((), jnp.float32))
+    (d_weight, d_temperature), d_hidden = jax.lax.scan(
+        step, zero, (chunked_hidden, chunked_targets, *cotangents))
+    d_targets = np.zeros(chunked_targets.shape, dtype=jax.dtypes.float0)
+    return (d_hidden, d_weight.astype(head_weight.dtype), d_targets,
+            d_temperature.astype(temperature.dtype))
+
+
+_chunked_logprobs.defvjp(_chunked_logprobs_fwd, _chunked_logprobs_bwd)
 
 
 def _check_inputs(hidden, head_weight, targets, temperature, chunk_size) -> None:
@@ -67,7 +120,8 @@ def token_logprobs(hidden, head_weight, targets, *, temperature=1.0,
     hidden: [batch, time, hidden] final hidden states (any float dtype, e.g. bf16);
     head_weight: [hidden, vocab] (logits = hidden @ head_weight); targets: int[batch, time].
     Returns (logp f32[batch, time], entropy f32[batch, time]) of the tempered distribution
-    softmax(logits / temperature); differentiable w.r.t. hidden and head_weight.
+    softmax(logits / temperature); differentiable (reverse mode) w.r.t. hidden, head_weight and
+    temperature. chunk_size: tokens per chunk (the token count is padded up to a multiple).
     """
     hidden, head_weight, targets = jnp.asarray(hidden), jnp.asarray(head_weight), jnp.asarray(targets)
     _check_inputs(hidden, head_weight, targets, temperature, chunk_size)
@@ -76,16 +130,11 @@ def token_logprobs(hidden, head_weight, targets, *, temperature=1.0,
     chunk = max(1, min(chunk_size, num_tokens))
     num_chunks = -(-num_tokens // chunk)
     pad = num_chunks * chunk - num_tokens
-    flat_hidden = jnp.pad(hidden.reshape(num_tokens, width), ((0, pad), (0, 0)))
-    flat_targets = jnp.pad(targets.reshape(num_tokens).astype(jnp.int32), (0, pad))
-
-    def one_chunk(xs):
-        chunk_hidden, chunk_targets = xs
-        return _chunk_logprobs(chunk_hidden, head_weight, chunk_targets, temperature)
-
-    logp, entropy = jax.lax.map(
-        one_chunk, (flat_hidden.reshape(num_chunks, chunk, width),
-                    flat_targets.reshape(num_chunks, chunk)))
+    chunked_hidden = jnp.pad(hidden.reshape(num_tokens, width), ((0, pad), (0, 0)))
+    chunked_targets = jnp.pad(targets.reshape(num_tokens).astype(jnp.int32), (0, pad))
+    logp, entropy = _chunked_logprobs(
+        chunked_hidden.reshape(num_chunks, chunk, width), head_weight,
+        chunked_targets.reshape(num_chunks, chunk), jnp.asarray(temperature, jnp.float32))
     logp = logp.reshape(-1)[:num_tokens].reshape(batch, time)
     entropy = entropy.reshape(-1)[:num_tokens].reshape(batch, time)
     return logp, entropy
