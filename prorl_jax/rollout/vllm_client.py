@@ -109,7 +109,10 @@ class VLLMClient(RolloutEngine):
     timeout_s:               per HTTP call; generation calls are not streamed, so it must
                              cover the longest request.
     model:                   the served model id; default: the one /v1/models lists.
-    max_prompts_per_request: prompts per /v1/completions request (vLLM caps 1024).
+    max_prompts_per_request: prompts per /v1/completions request (vLLM caps 1024). The
+                             answer costs ~100 bytes of JSON per generated token (ids,
+                             "token_id:N" strings, log-probs, top log-probs, text), so 16
+                             prompts x n=16 x 8k tokens is already ~200 MB to parse.
     max_retries, backoff_s:  retries after a refused connection, timeout, 429 or 5xx, waiting
                              backoff_s * 2**(attempt-1) seconds before each.
     health_timeout_s:        how long to wait at start-up for every GET /health to be 200.
@@ -121,7 +124,7 @@ class VLLMClient(RolloutEngine):
     """
 
     def __init__(self, base_urls: Sequence[str], weights_dir: str, timeout_s: float = 1800.0,
-                 *, model: str | None = None, max_prompts_per_request: int = 64,
+                 *, model: str | None = None, max_prompts_per_request: int = 16,
                  max_retries: int = 3, backoff_s: float = 2.0, health_timeout_s: float = 900.0,
                  weight_writer: WeightWriter | None = None, check_logprobs_mode: bool = True,
                  server_weights_dir: str | None = None, max_concurrent_requests: int = 32):
