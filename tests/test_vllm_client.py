@@ -94,6 +94,8 @@ def test_parse_puts_choices_prompt_major_by_index(new_format):
     ({**_choice(0, [5], [-0.5], "stop"), "token_ids": [6]}, "disagree"),
     ({"index": 0, "finish_reason": "stop", "token_ids": [5]}, "no logprobs.token_logprobs"),
     (_choice(0, [1, 2, 3], [-1.0, -1.0, -1.0], "length"), "more than max_tokens=2"),
+    (_choice(0, [5, 9], [-0.5, None], "length"), "a log-prob is null"),
+    ({**_choice(0, [5, 9], [-0.5, -1.0], "stop"), "token_ids": [5]}, "disagree"),
 ])
 def test_parse_fails_loudly_on_bad_choices(choice, match):
     with pytest.raises(VLLMServerError, match=match):

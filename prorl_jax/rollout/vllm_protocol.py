@@ -67,27 +67,29 @@ def parse_choice(choice: dict, max_new_tokens: int,
 
     Uses `choice["token_ids"]` when the server sends it (newer vLLM) and otherwise parses the
     ids out of the "token_id:N" strings of logprobs.tokens (older servers); checks that ids
-    and log-probs agree in length and, where both are present, in value.
+    and log-probs agree in length, and ids and tokens in length and last token.
     """
     logprobs = choice.get("logprobs")
     if not isinstance(logprobs, dict) or not isinstance(logprobs.get("token_logprobs"), list):
         raise VLLMServerError(f"{where}: no logprobs.token_logprobs in the choice "
                               f"(was logprobs=0 sent?)")
-    lps = logprobs["token_logprobs"]
-    if any(lp is None for lp in lps):
-        raise VLLMServerError(f"{where}: a log-prob is null")
+    try:
+        lps = np.asarray(logprobs["token_logprobs"], np.float32)
+    except (TypeError, ValueError):
+        lps = None
+    if lps is None or lps.ndim != 1 or not np.isfinite(lps).all():  # None arrives as nan
+        raise VLLMServerError(f"{where}: a log-prob is null or not a finite number")
     tokens = logprobs.get("tokens")
-    ids_from_tokens = (None if tokens is None else
-                       [parse_token_id(t, f"{where} logprobs.tokens[{k}]")
-                        for k, t in enumerate(tokens)])
     ids = choice.get("token_ids")
     if ids is None:
-        if ids_from_tokens is None:
+        if tokens is None:
             raise VLLMServerError(f"{where}: neither token_ids nor logprobs.tokens present")
-        ids = ids_from_tokens
-    elif ids_from_tokens is not None and list(ids) != ids_from_tokens:
-        raise VLLMServerError(f"{where}: token_ids {ids} disagree with logprobs.tokens "
-                              f"{ids_from_tokens}")
+        ids = [parse_token_id(t, f"{where} logprobs.tokens[{k}]") for k, t in enumerate(tokens)]
+    elif tokens is not None and (len(tokens) != len(ids) or (ids and parse_token_id(
+            tokens[-1], f"{where} logprobs.tokens[-1]") != ids[-1])):
+        # a cheap alignment check (the last token), not a full re-parse of every string
+        raise VLLMServerError(f"{where}: token_ids {ids[-8:]} disagree with logprobs.tokens "
+                              f"{tokens[-8:]}")
     if len(ids) != len(lps):
         raise VLLMServerError(f"{where}: {len(ids)} token ids but {len(lps)} log-probs")
     if len(ids) > max_new_tokens:
@@ -97,7 +99,7 @@ def parse_choice(choice: dict, max_new_tokens: int,
     if reason not in (FINISH_STOP, FINISH_LENGTH):
         raise VLLMServerError(f"{where}: finish_reason {reason!r}, expected 'stop' or "
                               f"'length' (an 'abort' means the server dropped the request)")
-    return [int(t) for t in ids], np.asarray(lps, np.float32), reason
+    return list(ids), lps, reason
 
 
 def parse_completion_response(resp: Any, num_prompts: int, n: int, max_new_tokens: int,
