@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from prorl_jax import loss as L
+from prorl_jax.loss import evaluation
 
 
 def exact_pass_at_k(n, c, k):
@@ -50,7 +51,7 @@ def test_pass_at_k_hand_values():
     assert L.pass_at_k(16, 4, 1) == pytest.approx(4 / 16, rel=1e-12)   # pass@1 = c / n
 
 
-def test_pass_at_k_exact_for_large_n_vectorised():
+def test_pass_at_k_exact_for_large_n_vectorised(monkeypatch):
     rng = np.random.default_rng(0)
     n = np.array([1024, 1024, 1024, 1024, 128, 1000, 7, 1024])
     c = np.array([0, 1, 512, 1024, 3, 999, 2, 20])
@@ -65,6 +66,9 @@ def test_pass_at_k_exact_for_large_n_vectorised():
     c = rng.integers(0, n + 1)
     got = L.pass_at_k(n, c, 1)
     np.testing.assert_allclose(got, c / n, rtol=1e-12)
+    # rows are processed in blocks: blocks of 3 rows give the same numbers
+    monkeypatch.setattr(evaluation, "ROWS_PER_BLOCK", 3)
+    np.testing.assert_allclose(L.pass_at_k(n, c, 1), got, rtol=1e-14)
     tiny = L.pass_at_k(1024, 1, 1)
     assert tiny == pytest.approx(1 / 1024, rel=1e-12)
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prorl_jax.loss import token_logprobs
+from prorl_jax.loss import compute_loss, token_logprobs
 
 BATCH, TIME, WIDTH, VOCAB, CHUNK = 4, 30, 16, 512, 16   # 120 tokens: not a multiple of CHUNK
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -165,6 +165,30 @@ def test_bf16_gradients_within_bf16_rounding(inputs):
         assert g.dtype == jnp.bfloat16
         scale = float(jnp.abs(w).max())
         np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=2e-2, atol=2e-2 * scale)
+
+
+def test_compute_loss_on_token_logprobs_end_to_end(inputs):
+    """The train step's composition: chunked log-probs and entropy of a head -> ProRL loss ->
+    gradient w.r.t. the head, equal to the same through full logits."""
+    hidden, head_weight, targets = inputs
+    rng = np.random.default_rng(2)
+    old_logp = naive_logprobs(hidden, head_weight * 1.05, targets)[0]
+    ref_logp = naive_logprobs(hidden, head_weight * 0.9, targets)[0]
+    advantages = jnp.asarray(rng.normal(size=BATCH), jnp.float32)
+    mask = jnp.asarray(rng.random((BATCH, TIME)) < 0.8, jnp.float32)
+
+    def loss_through(fn):
+        def loss(w):
+            logp, entropy = fn(hidden, w, targets, 1.0)
+            return compute_loss(logp, old_logp, ref_logp, advantages, mask, eps_low=0.2,
+                                eps_high=0.4, beta=0.1, entropy=entropy, entropy_coef=0.01)[0]
+        return jax.jit(jax.value_and_grad(loss))
+    with jax.default_matmul_precision("highest"):
+        got_loss, got_grad = loss_through(chunked)(head_weight)
+        want_loss, want_grad = loss_through(naive_logprobs)(head_weight)
+    assert float(got_loss) == pytest.approx(float(want_loss), rel=1e-5)
+    assert float(jnp.abs(want_grad).max()) > 1e-3
+    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_bad_input_names_the_field(inputs):

@@ -9,7 +9,7 @@ from prorl_jax.loss.kl import KL_KINDS, kl_estimate
 from prorl_jax.loss.logprobs import DEFAULT_CHUNK_SIZE, token_logprobs
 from prorl_jax.loss.objective import compute_loss
 from prorl_jax.loss.overlong import overlong_filter_mask, soft_overlong_penalty
-from prorl_jax.loss.pass_at_k import pass_at_k
+from prorl_jax.loss.evaluation import pass_at_k
 from prorl_jax.loss.policy import ClipIndicators, log_ratio, policy_gradient_loss
 
 __all__ = [

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+ROWS_PER_BLOCK = 4096
+
 
 def _check_counts(n, c, k) -> None:
     for name, value in (("n", n), ("c", c), ("k", k)):
@@ -31,10 +33,18 @@ def pass_at_k(n, c, k):
     n, c, k = np.broadcast_arrays(n, c, k)
     _check_counts(n, c, k)
     flat_n, flat_c, flat_k = (x.reshape(-1).astype(np.float64) for x in (n, c, k))
-    j = np.arange(int(flat_c.max(initial=0)), dtype=np.float64)[None, :]      # [1, max_c]
-    active = j < flat_c[:, None]                                              # [P, max_c]
-    certain = flat_n - flat_c < flat_k                                        # [P]
-    denom = np.where(active & ~certain[:, None], flat_n[:, None] - j, np.inf)
-    log_miss = np.sum(np.log1p(-flat_k[:, None] / denom), axis=1)             # log C(n-c,k)/C(n,k)
-    result = np.where(certain, 1.0, 0.0 - np.expm1(log_miss)).reshape(n.shape)
+    result = np.empty_like(flat_n)
+    for start in range(0, flat_n.size, ROWS_PER_BLOCK):   # bounds the [rows, max_c] temporaries
+        rows = slice(start, start + ROWS_PER_BLOCK)
+        result[rows] = _pass_at_k_rows(flat_n[rows], flat_c[rows], flat_k[rows])
+    result = result.reshape(n.shape)
     return float(result) if result.ndim == 0 else result
+
+
+def _pass_at_k_rows(n, c, k):
+    """pass@k of float64[rows] n, c, k (checked): 1 - prod_{j<c} (1 - k / (n - j))."""
+    j = np.arange(int(c.max(initial=0)), dtype=np.float64)[None, :]   # [1, max_c]
+    certain = n - c < k                                                 # [rows]
+    active = (j < c[:, None]) & ~certain[:, None]                       # [rows, max_c]
+    log_miss = np.sum(np.log1p(-k[:, None] / np.where(active, n[:, None] - j, np.inf)), axis=1)
+    return np.where(certain, 1.0, 0.0 - np.expm1(log_miss))
