@@ -186,6 +186,14 @@ def test_batches_split_across_two_servers_equal_one_request(servers, tmp_path):
     assert a.token_ids == b.token_ids and a.finish_reasons == b.finish_reasons
 
 
+@pytest.mark.parametrize("servers", [[{"completion_delay_s": 0.5}]], indirect=True)
+def test_requests_of_one_batch_are_in_flight_together(servers, tmp_path):
+    with make_client(servers, tmp_path, check_logprobs_mode=False,
+                     max_prompts_per_request=1) as client:
+        client.generate(PROMPTS[:4], **GEN)
+    assert len(completion_bodies(servers[0])) == 4 and servers[0].max_in_flight >= 2
+
+
 @pytest.mark.parametrize("servers", [[{"start_delay_s": 0.4}]], indirect=True)
 def test_waits_for_health_while_connection_refused(servers, tmp_path):
     start = time.monotonic()

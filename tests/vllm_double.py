@@ -119,6 +119,7 @@ class VLLMDouble:
         self.requests: list[dict] = []
         self.paused = False
         self.prefix_cache_resets = 0
+        self.in_flight = self.max_in_flight = 0  # /v1/completions being answered at once
         self._lock = threading.Lock()
         self._resumed = threading.Event()
         self._resumed.set()
@@ -202,8 +203,18 @@ class VLLMDouble:
             if self.fail_next_completions > 0:
                 self.fail_next_completions -= 1
                 return 503, {"error": "Service Unavailable (switch)"}
-        if self._stopping.wait(self.completion_delay_s) or not self._resumed.wait(5.0):
-            return 503, {"error": "server stopping or paused too long"}
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self._stopping.wait(self.completion_delay_s) or not self._resumed.wait(5.0):
+                return 503, {"error": "server stopping or paused too long"}
+            return self._generate(body)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _generate(self, body: dict) -> tuple[int, Any]:
         if body.get("model") != self.model:
             return 404, {"error": f"The model `{body.get('model')}` does not exist."}
         prompts = body.get("prompt")

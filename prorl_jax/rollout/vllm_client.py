@@ -152,9 +152,10 @@ class VLLMClient(RolloutEngine):
         self._weights_path: str | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max_concurrent_requests, thread_name_prefix="vllm-client")
-        for url in self.base_urls:
-            waited = wait_for_health(url, deadline_s=health_timeout_s)
-            log.info("%s healthy after %.1fs", url, waited)
+        waits = [self._pool.submit(wait_for_health, u, deadline_s=health_timeout_s)
+                 for u in self.base_urls]  # servers load in parallel: wait for all at once
+        for url, waited in zip(self.base_urls, waits):
+            log.info("%s healthy after %.1fs", url, waited.result())
         self.model, self.max_model_len = self._served_model(model)
         self.server_versions = [self._server_version(u) for u in self.base_urls]
 
@@ -325,3 +326,9 @@ class VLLMClient(RolloutEngine):
     def close(self) -> None:
         """Stops the request threads (the servers keep running)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "VLLMClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
