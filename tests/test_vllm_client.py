@@ -397,7 +397,7 @@ def test_default_writer_syncs_a_qwen2_model_in_bfloat16(servers, tmp_path):
 
 
 # ---- the worker extension ----------------------------------------------------------------
-def test_worker_module_imports_without_vllm_torch_or_jax():
+def test_worker_and_client_import_without_vllm_torch_or_jax():
     blocker = ("import sys\n"
                "class Block:\n"
                "    def find_spec(self, name, path=None, target=None):\n"
@@ -406,7 +406,8 @@ def test_worker_module_imports_without_vllm_torch_or_jax():
                "sys.meta_path.insert(0, Block())\n"
                "import importlib\n"
                f"mod, cls = {EXTENSION_CLS!r}.rsplit('.', 1)\n"
-               "print(getattr(importlib.import_module(mod), cls).__name__)\n")
+               "print(getattr(importlib.import_module(mod), cls).__name__)\n"
+               "from prorl_jax.rollout import VLLMClient\n")
     out = subprocess.run([sys.executable, "-c", blocker], cwd=REPO, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
