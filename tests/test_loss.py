@@ -132,6 +132,12 @@ def test_group_advantages_random_against_reference(std_normalize, ddof, scope):
     assert np.all(np.asarray(got)[3:6] == 0.0)
 
 
+def test_group_advantages_accepts_numpy_ints_and_host_arrays():
+    rewards = np.array([1.0, 0.8, 0.0, 0.4], np.float64)
+    np.testing.assert_allclose(L.group_advantages(rewards, np.int64(4)),
+                               group_advantages_jit(jnp.asarray(rewards, jnp.float32), 4), rtol=1e-6)
+
+
 def test_group_advantages_single_response_groups_are_zero_not_nan():
     got = group_advantages_jit(jnp.array([0.0, 1.0, 0.5]), 1)
     assert np.all(np.isfinite(got)) and np.all(np.asarray(got) == 0.0)
@@ -144,6 +150,8 @@ def test_group_advantages_bad_input_names_the_field():
         L.group_advantages(jnp.zeros(4), 2, std_scope="global")
     with pytest.raises(ValueError, match="rewards must be"):
         L.group_advantages(jnp.zeros((2, 2)), 2)
+    with pytest.raises(ValueError, match="group_size must be a positive int"):
+        L.group_advantages(jnp.zeros(4), 2.0)
 
 
 def test_group_signal_mask_keeps_groups_with_unequal_rewards():

@@ -11,6 +11,13 @@ def is_concrete_number(x) -> bool:
     return isinstance(x, numbers.Real)
 
 
+def check_positive_int(name: str, value, meaning: str) -> int:
+    """int(value), or ValueError naming `name` unless value is an integer >= 1 (numpy ints too)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int ({meaning}), got {value!r}")
+    return int(value)
+
+
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     """Raise ValueError naming `name` unless `value` is one of `choices`."""
     if value not in choices:

@@ -5,9 +5,12 @@ rows g*n .. g*n + n - 1 (the order of `RolloutBatch`).
 """
 from __future__ import annotations
 
+import numbers
+
 import jax.numpy as jnp
 
-from prorl_jax.loss._checks import check_choice, check_ndim, is_concrete_number
+from prorl_jax.loss._checks import (check_choice, check_ndim, check_positive_int,
+                                    is_concrete_number)
 
 STD_SCOPES = ("group", "batch")
 
@@ -16,8 +19,7 @@ def _grouped(rewards, group_size: int):
     """rewards f32[N] -> f32[N // group_size, group_size], with the shape checks."""
     rewards = jnp.asarray(rewards, jnp.float32)
     check_ndim("rewards", rewards, 1, "[num_responses]")
-    if not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int (responses per prompt), got {group_size!r}")
+    group_size = check_positive_int("group_size", group_size, "responses per prompt")
     if rewards.shape[0] % group_size:
         raise ValueError(
             f"rewards has {rewards.shape[0]} entries, not a multiple of group_size={group_size}")
@@ -47,12 +49,13 @@ def group_advantages(rewards, group_size: int, *, std_normalize: bool = True, ep
     """
     grouped = _grouped(rewards, group_size)
     check_choice("std_scope", std_scope, STD_SCOPES)
-    if not isinstance(std_ddof, int) or std_ddof < 0:
+    if isinstance(std_ddof, bool) or not isinstance(std_ddof, numbers.Integral) or std_ddof < 0:
         raise ValueError(f"std_ddof must be an int >= 0, got {std_ddof!r}")
     if is_concrete_number(eps) and eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps!r}")
     centered = grouped - jnp.mean(grouped, axis=1, keepdims=True)
     if std_normalize:
+        std_ddof = int(std_ddof)
         std = _std(grouped, 1, std_ddof) if std_scope == "group" else _std(grouped, None, std_ddof)
         centered = centered / (std + eps)
     return centered.reshape(-1)

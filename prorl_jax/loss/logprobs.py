@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prorl_jax.loss._checks import check_ndim, is_concrete_number
+from prorl_jax.loss._checks import check_ndim, check_positive_int, is_concrete_number
 
 DEFAULT_CHUNK_SIZE = 1024
 
@@ -100,8 +100,7 @@ def _check_inputs(hidden, head_weight, targets, temperature, chunk_size) -> None
                          f"got shape {tuple(targets.shape)}")
     if not jnp.issubdtype(targets.dtype, jnp.integer):
         raise ValueError(f"targets must be integer token ids, got dtype {targets.dtype}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int (tokens per chunk), got {chunk_size!r}")
+    check_positive_int("chunk_size", chunk_size, "tokens per chunk")
     if is_concrete_number(temperature) and not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     try:
@@ -127,7 +126,7 @@ def token_logprobs(hidden, head_weight, targets, *, temperature=1.0,
     _check_inputs(hidden, head_weight, targets, temperature, chunk_size)
     batch, time, width = hidden.shape
     num_tokens = batch * time
-    chunk = max(1, min(chunk_size, num_tokens))
+    chunk = max(1, min(int(chunk_size), num_tokens))
     num_chunks = -(-num_tokens // chunk)
     pad = num_chunks * chunk - num_tokens
     chunked_hidden = jnp.pad(hidden.reshape(num_tokens, width), ((0, pad), (0, 0)))
