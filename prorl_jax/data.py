@@ -232,10 +232,12 @@ class PromptDataset:
     def __len__(self) -> int:
         return sum(self.sizes)
 
-    def all_prompts(self) -> list[Prompt]:
-        """Every kept prompt, source by source in file order (for validation passes)."""
+    def all_prompts(self, max_per_source: int | None = None) -> list[Prompt]:
+        """Every kept prompt (at most the first `max_per_source` of each source), source by
+        source in file order: the problems of a validation pass."""
         return [Prompt(rec, ids, si, j) for si, s in enumerate(self.sources)
-                for j, (rec, ids) in enumerate(zip(s.records, s.prompt_ids))]
+                for j, (rec, ids) in enumerate(zip(s.records[:max_per_source],
+                                                   s.prompt_ids[:max_per_source]))]
 
     def iterator(self) -> "PromptIterator":
         return PromptIterator(self)

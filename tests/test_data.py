@@ -220,3 +220,6 @@ def test_dataset_from_files_with_weights(tmp_path, tokenizer):
     ds = PromptDataset([(pa, 1.0), (pb, 0.0)], tokenizer, seed=0)
     assert {p.source for p in ds.iterator().next_batch(50)} == {0}
     assert [s.name for s in ds.sources] == [pa, pb]
+    firsts = ds.all_prompts(max_per_source=2)
+    assert [(p.source, p.index) for p in firsts] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert len(ds.all_prompts()) == 10
