@@ -185,7 +185,10 @@ def test_slurm_launcher_starts_servers_and_trainer(tmp_path):
         # run the step locally: drop srun's options, process id 0
         "srun": 'while [ $# -gt 0 ]; do case "$1" in -w) shift 2;; -*) shift;; *) break;; '
                 'esac; done\nSLURM_PROCID=0 exec "$@"\n',
-        "curl": "exit 0\n",
+        # healthy once that port's fake server has started (as the real /health would be)
+        "curl": 'url="${@: -1}"; port="${url##*:}"; port="${port%%/*}"\n'
+                f'for i in $(seq 200); do grep -q -- "--port $port " {log} && exit 0; '
+                'sleep 0.05; done; exit 7\n',
         "fakevllm": f'echo "vllm CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES $*" >> {log}\n',
         "fakepython": f'echo "trainer $*" >> {log}\n',
     })
