@@ -336,7 +336,7 @@ def test_server_still_on_old_version_is_an_error(servers, tmp_path):
 @pytest.mark.parametrize("servers", [[{"fail_rpc_method": LOAD_METHOD}]], indirect=True)
 def test_failed_load_still_resumes_and_reports(servers, tmp_path):
     client = make_client(servers, tmp_path, max_retries=1)
-    with pytest.raises(VLLMServerError, match=rf"collective_rpc failed after 2 attempts"):
+    with pytest.raises(VLLMServerError, match=r"collective_rpc failed after 2 attempts"):
         client.update_weights(PARAMS_V1, 1)
     assert servers[0].paths("/resume") == ["/resume"] and not servers[0].paused
     assert servers[0].paths("/reset_prefix_cache") == []
