@@ -5,8 +5,9 @@ A problem record is a dict (one line of a .jsonl file, one element of a .json li
 .parquet file):
     prompt:  str, or a list of chat messages [{"role": "system"|"user"|"assistant", "content": str}]
     domain:  "math" | "stem" | "code" | "logic" | "ifeval" | "toy" | any domain registered in
-             the rewards registry (which validates it), plus that domain's fields (math/stem: answer; code: tests; logic:
-             task, entry; ifeval: instruction_id_list, kwargs; toy: answer)
+             the rewards registry (which validates it), plus that domain's fields (math/stem:
+             answer; code: tests; logic: task, entry; ifeval: instruction_id_list, kwargs;
+             toy: answer)
     id:      optional
 Bad rows raise `DataError` naming the file, the line (jsonl: 1-based line; json/parquet: 0-based
 row) and the field.
@@ -15,7 +16,7 @@ Mixing: sources [(path_or_records, weight)]; draw k (k = 0, 1, ...) picks source
 probability weight_s / sum(weights), from a generator seeded by (seed, k) alone, then takes the
 next prompt of that source's current epoch, whose order is a permutation seeded by
 (seed, s, epoch). So the order depends only on (seed, number of prompts drawn): batches of 4 then
-4 give the same prompts as one batch of 8, and `state_dict()` is four integers per source.
+4 give the same prompts as one batch of 8, and `state_dict()` is a few integers per source.
 """
 from __future__ import annotations
 
@@ -48,8 +49,7 @@ def _validate_domain_fields(record: dict, where: str) -> None:
 
 def validate_record(record: Any, where: str) -> dict:
     """Checks `prompt`, `domain` and the domain's required fields (through the rewards
-    registry); returns the record. `where` (e.g. "train.jsonl line 3")
-    prefixes every error message."""
+    registry); returns the record. `where` (e.g. "train.jsonl line 3") prefixes every error."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object (problem record), "
                         f"got {type(record).__name__}")
@@ -154,8 +154,8 @@ def encode_prompts(records: Sequence[dict], tokenizer, *, chat_template: bool = 
         return []
     if chat_template:
         if not getattr(tokenizer, "chat_template", None):
-            raise DataError("tokenizer has no chat template; set chat_template=False "
-                            "(data.chat_template) or use a tokenizer that has one")
+            raise DataError("tokenizer has no chat template: pass chat_template=False (raw "
+                            "string prompts) or use a tokenizer that has one")
         texts = [tokenizer.apply_chat_template(_as_messages(r["prompt"]), tokenize=False,
                                                add_generation_prompt=True) for r in records]
         return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
