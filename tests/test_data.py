@@ -128,6 +128,15 @@ def test_no_chat_template_encodes_raw_text(tokenizer):
         PromptDataset([([msgs], 1.0)], tokenizer, chat_template=False)
 
 
+def test_tokenizer_without_chat_template_is_a_clear_error():
+    from transformers import AutoTokenizer
+    bare = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    bare.chat_template = None
+    with pytest.raises(DataError, match="no chat template"):
+        PromptDataset([([_toy(1)], 1.0)], bare)
+    assert len(PromptDataset([([_toy(1)], 1.0)], bare, chat_template=False)) == 1
+
+
 def test_overlong_prompts_dropped_and_counted(tokenizer):
     base = len(_expected_chat_ids(""))  # template overhead in tokens
     assert base == 19  # <|im_start|> "user\n" <|im_end|> "\n" <|im_start|> "assistant\n"
