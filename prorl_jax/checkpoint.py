@@ -1,0 +1,120 @@
+"""Checkpoints of a run (Orbax) and the export of the policy as a Hugging Face directory.
+
+A checkpoint at step s is a directory <dir>/<s>/ holding two items:
+    state: the TrainState (policy, reference, optimizer state, step, RNG) as sharded arrays;
+    extra: a JSON document (the data iterator's state, the reset history, the config dict,
+           trainer counters - whatever the trainer passes).
+Saves are asynchronous (the arrays are copied off the devices, then written by a background
+thread) and atomic: Orbax writes into a temporary directory and renames it into place when
+complete, so a crash mid-save leaves the previous checkpoints intact and invisible partial ones.
+Retention: the newest keep_last, plus every step divisible by keep_every (0: none).
+Restore takes an abstract TrainState whose leaves carry the target shardings, so a run saved on
+one mesh resumes on another (8 devices -> 4).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from prorl_jax.train_state import TrainState
+
+
+class Checkpointer:
+    """A small wrapper over orbax's CheckpointManager for (TrainState, extra JSON) pairs.
+
+    directory: where the step directories go (created); keep_last: newest checkpoints kept
+    (>= 1); keep_every: also keep every step divisible by this forever (0: off); async_save:
+    write in the background (call wait_until_finished before reading or exiting).
+    """
+
+    def __init__(self, directory: str, *, keep_last: int = 3, keep_every: int = 0,
+                 async_save: bool = True):
+        if keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last={keep_last}: expected an integer >= 1")
+        if keep_every < 0:
+            raise ValueError(f"checkpoint.keep_every={keep_every}: expected >= 0 (0: off)")
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep_last, keep_period=keep_every or None,
+            enable_async_checkpointing=async_save, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=("state", "extra"))
+
+    def save(self, step: int, state: TrainState, extra: Optional[Mapping[str, Any]] = None,
+             *, force: bool = True) -> bool:
+        """Starts saving `state` and `extra` (JSON-serialisable) as checkpoint `step`."""
+        extra = dict(extra or {})
+        try:
+            json.dumps(extra)
+        except TypeError as err:
+            raise TypeError(f"checkpoint extra must be JSON-serialisable: {err}") from None
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state._asdict()),
+                                  extra=ocp.args.JsonSave(extra))
+        return self._manager.save(int(step), args=args, force=force)
+
+    def wait_until_finished(self) -> None:
+        """Blocks until every pending asynchronous save is on disk."""
+        self._manager.wait_until_finished()
+
+    def all_steps(self) -> list[int]:
+        """Steps of the complete checkpoints, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> Optional[int]:
+        """The newest complete checkpoint's step, or None."""
+        return self._manager.latest_step()
+
+    def restore(self, abstract_state: TrainState, step: Optional[int] = None
+                ) -> tuple[TrainState, dict]:
+        """(TrainState, extra) of checkpoint `step` (default: the latest).
+
+        abstract_state: a TrainState of jax.ShapeDtypeStruct with shardings (see
+        train_state.abstract_train_state); the arrays are read directly into those shardings.
+        """
+        step = self.latest_step() if step is None else int(step)
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no complete checkpoint to restore")
+        if step not in self.all_steps():
+            raise FileNotFoundError(f"{self.directory}: no checkpoint for step {step} "
+                                    f"(have {self.all_steps()})")
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state._asdict()),
+                                  extra=ocp.args.JsonRestore())
+        restored = self._manager.restore(step, args=args)
+        return TrainState(**restored["state"]), dict(restored["extra"] or {})
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager's threads."""
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def export_hf(params: Any, config: Any, path: str, *, dtype: Any = None) -> Optional[str]:
+    """Writes the policy as a Hugging Face directory (config.json + safetensors) at `path`.
+
+    params: the policy's nnx.State (sharded or not, across hosts or not); config: its
+    Qwen2Config; dtype: stored dtype (default config.param_dtype). Every process must call it
+    (sharded arrays are gathered); process 0 writes. Returns path on process 0, else None.
+    """
+    from prorl_jax.models.hf_io import save_pretrained  # lazy: weight I/O is its own module
+
+    host_params = jax.tree.map(_gather_to_host, params)
+    if jax.process_index() != 0:
+        return None
+    return save_pretrained(host_params, path, config=config, dtype=dtype)
+
+
+def _gather_to_host(x: Any) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

@@ -1,0 +1,141 @@
+"""Shared set-up for the update / sharding / checkpoint tests, and the two-process worker.
+
+A one-layer tiny Qwen2 in float32, a deterministic mini-batch of 8 rows, and jitted train steps
+cached per (mesh shape, micro_batch_rows) so each compiles once per test session.
+
+As a script (the two-process test): `python tests/train_helpers.py COORD NPROC PID OUT` starts
+jax.distributed on localhost, runs TWO_PROCESS_STEPS updates on a mesh over all processes'
+devices with every process feeding its own rows, and (process 0) writes the metrics and a
+parameter checksum to OUT as JSON.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prorl_jax import sharding as S
+from prorl_jax import train_state as TS
+from prorl_jax import update as U
+from prorl_jax.models import PRESETS, init_model
+
+MODEL_CFG = PRESETS["tiny"].replace(num_hidden_layers=1)
+OPTIM_CFG = TS.OptimConfig(lr=1e-3, weight_decay=0.01, max_grad_norm=1.0)
+UPDATE_CFG = U.UpdateConfig(eps_low=0.2, eps_high=0.4, beta=0.1, temperature=1.2,
+                            logprob_chunk=48)
+ROWS, TIME = 8, 12
+TWO_PROCESS_STEPS = 2
+
+
+def make_model():
+    return init_model(MODEL_CFG, seed=0)
+
+
+@functools.lru_cache(maxsize=None)
+def graphdef_and_tx():
+    graphdef, _ = TS.split_params(make_model())
+    return graphdef, TS.make_optimizer(OPTIM_CFG), TS.make_schedule(OPTIM_CFG)
+
+
+def fresh_state(ref_dtype="float32") -> TS.TrainState:
+    """The step-0 state on host (unsharded), the same on every call and every process."""
+    _, params = TS.split_params(make_model())
+    return TS.init_train_state(params, graphdef_and_tx()[1], ref_dtype=ref_dtype, seed=0)
+
+
+def make_batch(seed: int = 0, rows: int = ROWS, time: int = TIME) -> dict[str, np.ndarray]:
+    """Right-padded rows: a 4-token prompt, a response of varying length, then padding."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, MODEL_CFG.vocab_size, (rows, time)).astype(np.int32)
+    ends = 6 + (np.arange(rows) % (time - 6))              # one past the last response token
+    t = np.arange(time)[None, :]
+    mask = ((t >= 3) & (t < ends[:, None] - 1)).astype(np.float32)  # targets t+1 in response
+    return dict(
+        input_ids=ids, targets=np.roll(ids, -1, axis=1).astype(np.int32), loss_mask=mask,
+        advantages=rng.normal(size=rows).astype(np.float32),
+        old_logp=(-4.8 + 0.3 * rng.normal(size=(rows, time))).astype(np.float32),
+        ref_logp=(-4.8 + 0.3 * rng.normal(size=(rows, time))).astype(np.float32))
+
+
+@functools.lru_cache(maxsize=None)
+def mesh_for(data: int, fsdp: int, tensor: int):
+    n = data * fsdp * tensor
+    return S.make_mesh(S.MeshConfig(data, fsdp, tensor), jax.devices()[:n])
+
+
+@functools.lru_cache(maxsize=None)
+def train_step_for(mesh_shape: tuple, micro_batch_rows: int = 0, donate: bool = False):
+    """(train_step, state_shardings) on the mesh of mesh_shape (data, fsdp, tensor)."""
+    mesh = mesh_for(*mesh_shape)
+    graphdef, tx, schedule = graphdef_and_tx()
+    shardings = S.tree_shardings(fresh_state(), mesh)
+    cfg = dataclasses.replace(UPDATE_CFG, micro_batch_rows=micro_batch_rows)
+    step = U.make_train_step(graphdef, tx, schedule, cfg, mesh=mesh, state_shardings=shardings,
+                             donate=donate)
+    return step, shardings
+
+
+@functools.lru_cache(maxsize=None)
+def logprob_fn_for(mesh_shape: tuple, micro_batch_rows: int = 0):
+    mesh = mesh_for(*mesh_shape)
+    cfg = dataclasses.replace(UPDATE_CFG, micro_batch_rows=micro_batch_rows)
+    shardings = S.tree_shardings(fresh_state().params, mesh)
+    return U.make_logprob_fn(graphdef_and_tx()[0], cfg, mesh=mesh, param_shardings=shardings)
+
+
+def assert_same_update(a, b):
+    """Parameters equal to a small fraction of one learning-rate step (the first Adam step is
+    ~lr * g / |g|, sensitive to round-off where |g| is tiny), optimizer moments to float noise."""
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0,
+                                                         atol=OPTIM_CFG.lr * 1e-2),
+                 a.params, b.params)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4,
+                                                         atol=1e-9),
+                 a.opt_state, b.opt_state)
+
+
+def checksum(tree) -> float:
+    """sum over leaves of sum(x * (index + 1)) in float64: order-sensitive, on host."""
+    total = 0.0
+    for leaf in jax.tree.leaves(tree):
+        x = np.asarray(leaf, np.float64).reshape(-1)
+        total += float(np.sum(x * (np.arange(x.size) + 1)))
+    return total
+
+
+def _replicated_host(tree, mesh):
+    """Gathers a (possibly multi-process) sharded tree onto every host as numpy arrays."""
+    gather = jax.jit(lambda t: t, out_shardings=S.replicated(mesh))
+    return jax.tree.map(np.asarray, gather(tree))
+
+
+def two_process_worker(coordinator: str, num_processes: int, process_id: int, out: str):
+    S.initialize_distributed(coordinator, num_processes, process_id)
+    mesh = S.make_mesh(S.MeshConfig(fsdp=-1))
+    graphdef, tx, schedule = graphdef_and_tx()
+    state = fresh_state()
+    shardings = S.tree_shardings(state, mesh)
+    state = jax.device_put(state, shardings)
+    step = U.make_train_step(graphdef, tx, schedule, UPDATE_CFG, mesh=mesh,
+                             state_shardings=shardings)
+    metrics = []
+    for i in range(TWO_PROCESS_STEPS):
+        rows = S.host_row_slice(ROWS)
+        local = {k: v[rows] for k, v in make_batch(seed=i).items()}
+        state, m = step(state, S.global_batch(local, mesh))
+        metrics.append({k: float(v) for k, v in m.items()})
+    params = _replicated_host(state.params, mesh)
+    if process_id == 0:
+        with open(out, "w") as f:
+            json.dump({"metrics": metrics, "checksum": checksum(params),
+                       "num_devices": jax.device_count(), "processes": jax.process_count()}, f)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    two_process_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
