@@ -1,6 +1,5 @@
 """The CPU demo's pieces: the shipped character-level tokenizer, the toy task generator and its
 reward (launchers/make_demo_tokenizer.py, prorl_jax/toy_task.py, rewards/toy.py)."""
-import filecmp
 import json
 import os
 import re
@@ -26,10 +25,18 @@ def tokenizer():
 # ---------------------------------------------------------------- demo tokenizer
 
 def test_shipped_tokenizer_is_what_the_script_builds(tmp_path):
+    """Same configs, vocabulary, special tokens and encodings (not bytes: tokenizer.json's
+    layout may differ between `tokenizers` versions)."""
     load_launcher("make_demo_tokenizer").main(["--out", str(tmp_path)])
-    names = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
-    match, mismatch, errors = filecmp.cmpfiles(tmp_path, TOKENIZER_DIR, names, shallow=False)
-    assert match == names, (mismatch, errors)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        with open(tmp_path / name) as a, open(os.path.join(TOKENIZER_DIR, name)) as b:
+            assert json.load(a) == json.load(b), name
+    from tokenizers import Tokenizer
+    built = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    shipped = Tokenizer.from_file(os.path.join(TOKENIZER_DIR, "tokenizer.json"))
+    assert built.get_vocab(with_added_tokens=True) == shipped.get_vocab(with_added_tokens=True)
+    text = "<|im_start|>user\ncopy 7, then 3+4?<|im_end|>\n<think>x</think>Q"
+    assert built.encode(text).ids == shipped.encode(text).ids
 
 
 def test_tokenizer_vocabulary_and_special_ids(tokenizer):
