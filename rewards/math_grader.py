@@ -1,6 +1,7 @@
 """Math domain (binary): DeepScaleR's rule with math-verify.
 
     R = 1  if verify(parse(gold), parse("$" + last_boxed(answer) + "$")) for any accepted gold
+           (shortcuts: equal strings, or equal integers when both are plain integers)
     R = 0  otherwise (no `\\boxed{}` in the answer region, unparsable, not equivalent)
 
 math-verify is called gold first (it is not symmetric). Its own timeouts use `signal.alarm`, which
@@ -11,7 +12,9 @@ bound the time itself, as `score_batch` does by killing the worker).
 from __future__ import annotations
 
 import functools
+import re
 import threading
+import time
 
 from rewards.extract import last_boxed
 from rewards.registry import register
@@ -68,32 +71,54 @@ def parse_prediction(predicted: str):
     return math_verify.parse(_as_latex(predicted), parsing_timeout=_timeouts()[0])
 
 
-def equivalent(gold: str, predicted: str, pred_parsed=None) -> bool:
-    """True iff math-verify finds `predicted` (a LaTeX expression) equivalent to `gold`.
-
-    `pred_parsed` (from `parse_prediction`) saves re-parsing when checking several golds.
-    """
+def equivalent(gold: str, predicted: str) -> bool:
+    """True iff math-verify finds `predicted` (a LaTeX expression) equivalent to `gold`."""
     import math_verify
 
     parse_t, verify_t = _timeouts()
     gold_parsed = _parse_gold(gold, parse_t)
-    if pred_parsed is None:
-        pred_parsed = parse_prediction(predicted)
+    pred_parsed = parse_prediction(predicted)
     if not gold_parsed or not pred_parsed:
         return False
     return bool(math_verify.verify(gold_parsed, pred_parsed, timeout_seconds=verify_t))
 
 
+_INT_RE = re.compile(r"^[-+]?\d+$")
+
+
+_MATCH_CACHE: dict[tuple[str, str], bool] = {}
+MATCH_CACHE_SIZE = 1 << 16
+
+
+def matches_gold(gold: str, boxed: str) -> bool:
+    """Whether `boxed` answers `gold`: equal strings, equal integers, else math-verify.
+
+    Memoised per process (in a GRPO group many responses give the same final answer), except
+    for calls slow enough that math-verify may have timed out (its timeouts return False).
+    """
+    if boxed == gold:
+        return True
+    if _INT_RE.match(gold) and _INT_RE.match(boxed):
+        return int(gold) == int(boxed)
+    key = (gold, boxed)
+    if key in _MATCH_CACHE:
+        return _MATCH_CACHE[key]
+    start = time.monotonic()
+    result = equivalent(gold, boxed)
+    if time.monotonic() - start < 0.5 * min(PARSE_TIMEOUT_S, VERIFY_TIMEOUT_S):
+        if len(_MATCH_CACHE) >= MATCH_CACHE_SIZE:
+            _MATCH_CACHE.clear()
+        _MATCH_CACHE[key] = result
+    return result
+
+
 def math_reward(golds: list[str], answer: str) -> float:
-    """1.0 if the last `\\boxed{}` of `answer` matches any gold (exact string or math-verify)."""
+    """1.0 if the last `\\boxed{}` of `answer` matches any gold (see `matches_gold`)."""
     boxed = last_boxed(answer)
     if boxed is None or not boxed.strip():
         return 0.0
     boxed = boxed.strip()
-    if any(boxed == g for g in golds):
-        return 1.0
-    pred_parsed = parse_prediction(boxed)
-    return 1.0 if any(equivalent(g, boxed, pred_parsed) for g in golds) else 0.0
+    return 1.0 if any(matches_gold(g, boxed) for g in golds) else 0.0
 
 
 @register("math", required_fields=("answer",), validate=_validate)

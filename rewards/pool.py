@@ -225,6 +225,10 @@ class RewardPool:
                 w.items = collections.deque()
                 self._replace(w)
 
+    def worker_pids(self) -> list[int]:
+        """Process ids of the live workers (started on first use)."""
+        return [w.process.pid for w in self._workers]
+
     def close(self) -> None:
         """Stop the workers (idempotent)."""
         for w in self._workers:

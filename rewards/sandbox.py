@@ -21,7 +21,7 @@ unsandboxed.
 from __future__ import annotations
 
 import dataclasses
-import json
+import marshal
 import os
 import shutil
 import signal
@@ -125,7 +125,7 @@ def _job(program: str, inputs: list, fn_name: str | None, limits: SandboxLimits,
         "max_output_bytes": limits.max_output_bytes,
         "drop_to_uid": limits.uid if privileged else None,
     }
-    return json.dumps(job).encode("utf-8")
+    return marshal.dumps(job)
 
 
 def run_tests(program: str, inputs: list, *, fn_name: str | None = None,
@@ -154,11 +154,21 @@ def run_tests(program: str, inputs: list, *, fn_name: str | None = None,
     finally:
         _kill_group(proc.pid)
         proc.wait()
-    results = [{"status": "sandbox_failed", "out": ""} for _ in inputs]
-    for line in raw.decode("utf-8", errors="replace").splitlines():
+    return _parse_results(raw, len(inputs))
+
+
+def _parse_results(raw: bytes, num_tests: int) -> list[dict]:
+    """Decode the runner's length-prefixed marshal records; missing tests -> "sandbox_failed"."""
+    results = [{"status": "sandbox_failed", "out": ""} for _ in range(num_tests)]
+    pos = 0
+    while pos + 8 <= len(raw):
+        size = int.from_bytes(raw[pos:pos + 8], "little")
+        body, pos = raw[pos + 8:pos + 8 + size], pos + 8 + size
+        if len(body) < size:
+            break  # truncated by a kill mid-write
         try:
-            item = json.loads(line)
+            item = marshal.loads(body)
             results[int(item["i"])] = {"status": str(item["status"]), "out": str(item["out"])}
-        except (ValueError, KeyError, IndexError, TypeError):
+        except (ValueError, EOFError, TypeError, KeyError, IndexError):
             continue
     return results

@@ -1,26 +1,29 @@
 """Test runner executed INSIDE the bubblewrap sandbox by the system interpreter (stdlib only).
 
-Not imported by the host. Reads one JSON job on stdin:
-    {"program": str, "fn_name": str | null, "inputs": [...], "per_test_timeout_s": float,
+Not imported by the host. Reads one job on stdin (a `marshal`-encoded dict, written by the
+trusted host; marshal and select are built in, which keeps the sandbox start-up short):
+    {"program": str, "fn_name": str | None, "inputs": [...], "per_test_timeout_s": float,
      "rlimits": {"AS": bytes, "CPU": s, "NPROC": n, "FSIZE": bytes, "NOFILE": n},
-     "max_output_bytes": int, "drop_to_uid": int | null}
+     "max_output_bytes": int, "drop_to_uid": int | None}
 and, for each test i, forks a child that: starts a new session (process group), applies the
 rlimits, drops to `drop_to_uid` (the runner itself stays the sandbox's root, so the child cannot
 signal it or read its file descriptors), then runs the program with stdin = inputs[i] (stdio
 tests) or calls `fn_name(*inputs[i])` / `Solution().fn_name(*inputs[i])` and writes the JSON
 result to fd 3 (call tests). The runner captures at most `max_output_bytes`, kills the child's
-process group on timeout or overflow, and prints one JSON line per test:
+process group on timeout or overflow, and writes one record per test to stdout (8-byte
+little-endian length, then the marshal-encoded dict):
     {"i": i, "status": "ok" | "error" | "timeout" | "output_limit" | "spawn_failed", "out": str}
 Expected outputs never enter the sandbox: comparison happens on the host.
 """
-import json
+import marshal
 import os
 import resource
-import selectors
+import select
 import signal
 import sys
 import time
 
+POLL_S = 0.002  # exit polling interval when pidfds are unavailable
 _RLIMITS = {"AS": resource.RLIMIT_AS, "CPU": resource.RLIMIT_CPU, "NPROC": resource.RLIMIT_NPROC,
             "FSIZE": resource.RLIMIT_FSIZE, "NOFILE": resource.RLIMIT_NOFILE}
 
@@ -73,16 +76,25 @@ def _run_program(job, test_input):
         fn = getattr(namespace["Solution"](), fn_name)
     args = test_input if isinstance(test_input, list) else [test_input]
     result = fn(*args)
+    import json  # imported in the runner before forking for call-based jobs
+
     os.write(3, json.dumps(result, default=repr).encode())
     return 0
 
 
 def _collect(pid, fds, timeout_s, cap):
-    """Read the child's pipes until it exits (or timeout/overflow); returns (status, outputs)."""
-    sel = selectors.DefaultSelector()
+    """Read the child's pipes until it exits (or timeout/overflow); returns (status, outputs).
+
+    The child's exit is watched through a pidfd (readable when it exits), so a finished test is
+    noticed at once; where pidfds are unavailable, the loop polls every POLL_S seconds.
+    """
+    poller = select.poll()
     bufs = {fd: bytearray() for fd in fds}
     for fd in fds:
-        sel.register(fd, selectors.EVENT_READ)
+        poller.register(fd, select.POLLIN)
+    pidfd = _pidfd(pid)
+    if pidfd is not None:
+        poller.register(pidfd, select.POLLIN)
     deadline = time.monotonic() + timeout_s
     status, exit_code, open_fds = None, None, set(fds)
     while status is None:
@@ -90,6 +102,8 @@ def _collect(pid, fds, timeout_s, cap):
             done, wstatus = os.waitpid(pid, os.WNOHANG)
             if done:
                 exit_code = os.waitstatus_to_exitcode(wstatus)
+                if pidfd is not None:
+                    poller.unregister(pidfd)
         if exit_code is not None and not open_fds:
             status = "ok" if exit_code == 0 else "error"
             break
@@ -97,20 +111,30 @@ def _collect(pid, fds, timeout_s, cap):
         if now >= deadline:
             status = "timeout"
             break
-        wait = min(deadline - now, 0.02 if exit_code is not None else 0.05)
-        events = sel.select(wait)
+        wait = min(deadline - now, POLL_S if pidfd is None or exit_code is not None else 1.0)
+        events = poller.poll(wait * 1000)
         if not events and exit_code is not None:  # exited; only a stray grandchild holds a pipe
             status = "ok" if exit_code == 0 else "error"
-        for key, _ in events:
-            chunk = os.read(key.fd, 65536)
+        for fd, _ in events:
+            if fd == pidfd:
+                continue  # the child exited: reaped at the top of the loop
+            chunk = os.read(fd, 65536)
             if not chunk:
-                sel.unregister(key.fd)
-                open_fds.discard(key.fd)
-            bufs[key.fd] += chunk
-            if len(bufs[key.fd]) > cap:
+                poller.unregister(fd)
+                open_fds.discard(fd)
+            bufs[fd] += chunk
+            if len(bufs[fd]) > cap:
                 status = "output_limit"
-    sel.close()
+    if pidfd is not None:
+        os.close(pidfd)
     return status, [bytes(bufs[fd][:cap]) for fd in fds]
+
+
+def _pidfd(pid):
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
 
 def _kill_group(pid):
@@ -155,11 +179,13 @@ def run_test(job, i):
 
 
 def main():
-    job = json.loads(sys.stdin.buffer.read().decode("utf-8"))
-    os.makedirs("/tmp/.in", mode=0o755, exist_ok=True)
+    job = marshal.loads(sys.stdin.buffer.read())
+    if job.get("fn_name"):
+        import json  # noqa: F401  (children inherit it: no import per test)
+    os.mkdir("/tmp/.in", 0o755)
     for i in range(len(job["inputs"])):
-        sys.stdout.write(json.dumps(run_test(job, i)) + "\n")
-        sys.stdout.flush()
+        record = marshal.dumps(run_test(job, i))
+        os.write(1, len(record).to_bytes(8, "little") + record)
 
 
 if __name__ == "__main__":

@@ -95,10 +95,10 @@ def test_score_batch_statuses_and_reuse(pool):
     r, d = pool.score_batch(recs, resps, return_details=True)
     assert r == [0.5, 0.0, 1.0, 0.0]  # 2.0 clipped to 1; no </think> -> unanswered
     assert d.status == ["ok", "ok", "ok", "unanswered"]
-    pids = sorted(w.process.pid for w in pool._workers)
+    pids = sorted(pool.worker_pids())
     r2 = pool.score_batch(recs * 10, resps * 10)
     assert r2 == r * 10
-    assert sorted(w.process.pid for w in pool._workers) == pids  # same workers reused
+    assert sorted(pool.worker_pids()) == pids  # same workers reused
 
 
 def test_crashing_checkers_give_zero_and_a_count(pool):

@@ -1,0 +1,140 @@
+"""Reward throughput: 4,096 math responses and 256 code responses x 10 tests (targets: < 15 s and
+< 30 s on 2 cores).
+
+    python bench/rewards.py [--num-math 4096] [--num-code 256] [--workers 2]
+
+Math: 256 prompts x 16 responses (as in a GRPO batch), golds in several forms (integers,
+fractions, radicals, percentages, intervals) and responses that are right in an equivalent form,
+wrong, boxless or unanswered. Code: stdin/stdout problems with 10 tests each; programs that are
+right, wrong, or crash. Each phase is timed twice on the same pool: the first call (a different draw) includes
+starting the workers, the second is the steady state a trainer sees. Besides wall time it reports the CPU
+seconds the workers and their sandboxes used (from /proc), since wall time on a shared machine
+depends on the load: cpu_s / workers is the wall time an otherwise idle machine would need.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import rewards  # noqa: E402
+
+# (weight, gold and its accepted equivalent forms): mostly integers, as in AIME/AMC-style data.
+GOLD_FORMS = [
+    (0.60, lambda a, b: (str(a * b), [str(a * b), f"{a * b}.0", f"\\frac{{{2 * a * b}}}{{2}}"])),
+    (0.15, lambda a, b: (f"\\frac{{{a}}}{{{b}}}", [f"\\frac{{{a}}}{{{b}}}", f"{a}/{b}",
+                                                  f"\\dfrac{{{2 * a}}}{{{2 * b}}}"])),
+    (0.10, lambda a, b: (f"{a}\\sqrt{{{b}}}", [f"{a}\\sqrt{{{b}}}", f"\\sqrt{{{b}}} \\cdot {a}"])),
+    (0.05, lambda a, b: (f"{a}\\%", [f"{a}\\%", f"{a / 100}"])),
+    (0.10, lambda a, b: (f"[{a}, {a + b})", [f"[{a},{a + b})"])),
+]
+
+
+def math_batch(n: int, rng: random.Random) -> tuple[list, list]:
+    """n (record, response) pairs, 16 responses per prompt.
+
+    Per response: 45% right (a random equivalent form), 35% wrong (one of the prompt's three
+    distractors, as a policy's wrong answers cluster), 10% no box, 10% unanswered (no </think>).
+    """
+    records, responses = [], []
+    weights = [w for w, _ in GOLD_FORMS]
+    while len(records) < n:
+        a, b = rng.randint(1, 99), rng.randint(2, 50)
+        form = rng.choices([f for _, f in GOLD_FORMS], weights=weights)[0]
+        gold, right_forms = form(a, b)
+        distractors = [form(a + rng.randint(1, 20), b)[1][0] for _ in range(3)]
+        for _ in range(16):
+            kind = rng.random()
+            if kind < 0.45:
+                tail = f"so the answer is $\\boxed{{{rng.choice(right_forms)}}}$."
+            elif kind < 0.8:
+                tail = f"so the answer is $\\boxed{{{rng.choice(distractors)}}}$."
+            elif kind < 0.9:
+                tail = f"so the answer is {a}."
+            else:
+                tail = None
+            records.append({"domain": "math", "answer": gold})
+            think = "<think>" + "step " * 200
+            responses.append(think if tail is None else think + "</think>" + tail)
+    return records[:n], responses[:n]
+
+
+CODE_PROGRAMS = {
+    "right": "import sys\nnums = list(map(int, sys.stdin.read().split()))\nprint(sum(nums[1:]))",
+    "wrong": "import sys\nnums = list(map(int, sys.stdin.read().split()))\nprint(max(nums[1:]))",
+    "crash": "import sys\nnums = sys.stdin.read().split()\nprint(nums[100])",
+}
+
+
+def code_batch(n: int, rng: random.Random) -> tuple[list, list]:
+    """n (record, response) pairs; each problem has 10 stdin/stdout tests."""
+    records, responses = [], []
+    for _ in range(n):
+        inputs, outputs = [], []
+        for _ in range(10):
+            nums = [rng.randint(-1000, 1000) for _ in range(rng.randint(1, 50))]
+            inputs.append(f"{len(nums)}\n" + " ".join(map(str, nums)) + "\n")
+            outputs.append(f"{sum(nums)}\n")
+        kind = rng.choices(list(CODE_PROGRAMS), weights=[0.5, 0.3, 0.2])[0]
+        records.append({"domain": "code", "tests": {"inputs": inputs, "outputs": outputs}})
+        responses.append("<think>plan</think>\n```python\n" + CODE_PROGRAMS[kind] + "\n```")
+    return records, responses
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system, including reaped descendants such as sandboxes) of `pids`."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def timed(pool, records, responses) -> tuple[float, float, list, dict]:
+    """(wall s, CPU s of the workers and their sandboxes, scores, details) of one batch."""
+    pool.score_batch(records[:1], responses[:1])  # make sure the workers exist
+    pids = pool.worker_pids()
+    cpu0, t0 = cpu_seconds(pids), time.perf_counter()
+    scores, details = pool.score_batch(records, responses, return_details=True)
+    wall = time.perf_counter() - t0
+    cpu = cpu_seconds(pids) - cpu0 if pool.worker_pids() == pids else float("nan")
+    return wall, cpu, scores, details.as_dict()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-math", type=int, default=4096)
+    parser.add_argument("--num-code", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    rng = random.Random(0)
+    report = {"cpus": os.cpu_count(), "workers": args.workers}
+    phases = [("math", math_batch, args.num_math, 15.0), ("code", code_batch, args.num_code, 30.0)]
+    for name, make_batch, n, target_s in phases:
+        warmup, (records, responses) = make_batch(n, rng), make_batch(n, rng)  # distinct draws
+        with rewards.RewardPool(args.workers) as pool:
+            t0 = time.perf_counter()
+            timed(pool, *warmup)
+            first_s = time.perf_counter() - t0  # includes starting the workers
+            wall_s, cpu_s, scores, details = timed(pool, records, responses)
+        report[name] = {"items": len(records), "first_call_s": round(first_s, 2),
+                        "wall_s": round(wall_s, 2), "cpu_s": round(cpu_s, 2),
+                        "cpu_s_per_item_ms": round(1e3 * cpu_s / len(records), 2),
+                        "target_s": target_s, "load_avg_1min": round(os.getloadavg()[0], 2),
+                        "mean_reward": round(sum(scores) / len(scores), 3), **details}
+        print(f"{name}: {len(records)} items  first call {first_s:.2f} s  steady {wall_s:.2f} s "
+              f"wall, {cpu_s:.2f} CPU-s (target < {target_s:.0f} s, load "
+              f"{os.getloadavg()[0]:.1f})  {details}", flush=True)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
