@@ -182,6 +182,8 @@ class RewardPool:
                     w.items, w.item_start = collections.deque(chunk), now
                     w.conn.send(chunk)
             busy = [w for w in self._workers if w.items]
+            if not busy:  # cannot happen while items are pending: fail loudly, never spin
+                raise RuntimeError(f"RewardPool: {pending} items pending but no worker busy")
             wait_s = min(w.item_start + limits[w.items[0][0]] for w in busy) - now
             ready = multiprocessing.connection.wait([w.conn for w in busy], max(wait_s, 0))
             now = time.monotonic()

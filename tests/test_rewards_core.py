@@ -127,3 +127,11 @@ def test_module_level_score_batch_uses_shared_pool():
     recs = [{"domain": "math", "answer": "2"}, {"domain": "toy", "answer": "7"}]
     assert rewards.score_batch(recs, [r"</think>\boxed{2}", "</think>7"]) == [1.0, 1.0]
     assert rewards.default_pool() is rewards.default_pool()
+
+
+def test_pool_works_from_a_process_with_jax_initialised():
+    import jax.numpy as jnp  # a hard dependency of the project
+
+    assert float(jnp.arange(4.0).sum()) == 6.0  # JAX runtime (threads) started in this process
+    with RewardPool(1) as p:
+        assert p.score_batch([{"domain": "test_echo", "value": 0.75}], ["</think>ok"]) == [0.75]
