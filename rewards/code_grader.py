@@ -2,6 +2,8 @@
 
     R = (# tests i with status "ok" and output_i matching expected_i) / k,
     k = min(len(tests), record["max_tests"]) (first k tests; all when max_tests is absent)
+Tests not started within the sandbox's per-response budget (SandboxLimits.total_timeout_s)
+count as failed, so a program that hangs on every test costs ~that budget, not k timeouts.
 
 Record: `tests = {"inputs": [...], "outputs": [...], "fn_name"?: str}`.
 - stdin/stdout tests (no fn_name): inputs[i] is stdin text, outputs[i] the expected stdout;
@@ -21,7 +23,8 @@ import math
 
 from rewards.extract import last_code_block
 from rewards.registry import register
-from rewards.sandbox import STARTUP_BUDGET_S, SandboxLimits, find_bwrap, run_tests
+from rewards.sandbox import (STARTUP_BUDGET_S, SandboxLimits, find_bwrap, response_budget_s,
+                             run_tests)
 
 FLOAT_TOL = 1e-6
 DEFAULT_LIMITS = SandboxLimits()
@@ -70,9 +73,8 @@ def _num_tests(record: dict) -> int:
 
 
 def code_time_limit_s(record: dict) -> float:
-    """Per-item limit for score_batch: start-up plus every test's timeout, with slack."""
-    per_test = _limits(record).per_test_timeout_s + 0.5
-    return 2 * STARTUP_BUDGET_S + _num_tests(record) * per_test
+    """Per-item limit for score_batch: the sandbox's own budget plus start-up slack."""
+    return 2 * STARTUP_BUDGET_S + response_budget_s(_num_tests(record), _limits(record))
 
 
 def _token_equal(a: str, b: str) -> bool:

@@ -15,6 +15,7 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
+import resource
 import signal
 import time
 
@@ -25,6 +26,7 @@ from rewards.sandbox import SandboxUnavailableError
 STATUSES = ("ok", "unanswered", "crash", "timeout")
 CHUNKS_PER_WORKER = 4  # load balancing: aim for this many chunks per worker per batch
 MAX_CHUNK = 32
+DEFAULT_WORKER_MEMORY_BYTES = 8 << 30  # address space per worker (8 GiB)
 
 
 @dataclasses.dataclass
@@ -71,9 +73,15 @@ def guarded_score(fn, record: dict, answer: str) -> tuple[float, str]:
     return min(max(value, 0.0), 1.0), "ok"
 
 
-def _worker_main(conn) -> None:
-    """Worker loop: receive chunks [(index, fn, record, answer)], send (index, reward, status)."""
+def _worker_main(conn, memory_bytes: int | None) -> None:
+    """Worker loop: receive chunks [(index, fn, record, answer)], send (index, reward, status).
+
+    memory_bytes: RLIMIT_AS of the worker, so a checker that blows up (e.g. sympy on a huge
+    expression) raises MemoryError (status "crash") instead of exhausting the machine.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if memory_bytes:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     import rewards  # noqa: F401  (registers the built-in domains)
 
     while True:
@@ -118,8 +126,12 @@ def prepare_batch(records: list, responses: list, think_mode: str):
 class RewardPool:
     """A reusable pool of scoring processes. Use as a context manager or call `close()`."""
 
-    def __init__(self, num_workers: int | None = None, *, start_method: str = "forkserver"):
+    def __init__(self, num_workers: int | None = None, *, start_method: str = "forkserver",
+                 worker_memory_bytes: int | None = DEFAULT_WORKER_MEMORY_BYTES):
+        """num_workers: default CPU count (at most 16); start_method: "forkserver" or "spawn"
+        (not "fork": unsafe once JAX runs); worker_memory_bytes: address-space cap per worker."""
         self.num_workers = int(num_workers or max(1, min(os.cpu_count() or 1, 16)))
+        self.worker_memory_bytes = worker_memory_bytes
         if self.num_workers < 1:
             raise ValueError(f"num_workers: expected >= 1, got {num_workers}")
         self._ctx = multiprocessing.get_context(start_method)
@@ -130,7 +142,8 @@ class RewardPool:
 
     def _spawn(self) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe()
-        process = self._ctx.Process(target=_worker_main, args=(child_conn,), daemon=True,
+        process = self._ctx.Process(target=_worker_main,
+                                    args=(child_conn, self.worker_memory_bytes), daemon=True,
                                     name="reward-worker")
         process.start()
         child_conn.close()
@@ -168,6 +181,8 @@ class RewardPool:
         return (rewards, details) if return_details else rewards
 
     def _run(self, items: list, limits: list, rewards: list, status: list) -> None:
+        for w in [w for w in self._workers if not w.process.is_alive()]:
+            self._replace(w)  # died between calls (e.g. killed from outside)
         while len(self._workers) < self.num_workers:
             self._workers.append(self._spawn())
         size = max(1, min(MAX_CHUNK, math.ceil(len(items) / (self.num_workers * CHUNKS_PER_WORKER))))
@@ -176,14 +191,21 @@ class RewardPool:
         fatal = None
         while pending:
             now = time.monotonic()
-            for w in self._workers:
+            for w in list(self._workers):
                 if not w.items and queue:
                     chunk = queue.popleft()
+                    try:
+                        w.conn.send(chunk)
+                    except (BrokenPipeError, ConnectionResetError):  # the worker died idle
+                        queue.appendleft(chunk)
+                        self._replace(w)
+                        continue
                     w.items, w.item_start = collections.deque(chunk), now
-                    w.conn.send(chunk)
             busy = [w for w in self._workers if w.items]
-            if not busy:  # cannot happen while items are pending: fail loudly, never spin
-                raise RuntimeError(f"RewardPool: {pending} items pending but no worker busy")
+            if not busy:
+                if queue:
+                    continue  # a worker was replaced before taking a chunk: assign again
+                raise RuntimeError(f"RewardPool: {pending} items pending but none queued or busy")
             wait_s = min(w.item_start + limits[w.items[0][0]] for w in busy) - now
             ready = multiprocessing.connection.wait([w.conn for w in busy], max(wait_s, 0))
             now = time.monotonic()

@@ -47,6 +47,7 @@ class SandboxLimits:
     max_file_bytes: int = 16 << 20  # RLIMIT_FSIZE (largest file a test may write)
     max_open_files: int = 64  # RLIMIT_NOFILE
     max_output_bytes: int = 1 << 20  # captured stdout (or call result) per test
+    total_timeout_s: float = 20.0  # per response: tests not started within it count as failed
     tmpfs_bytes: int = 64 << 20  # size of the sandbox's writable /tmp
     uid: int = 65534  # unprivileged uid the tests run as ("nobody")
     python: str = "/usr/bin/python3"  # interpreter inside the sandbox (must live under /usr)
@@ -112,6 +113,12 @@ def bwrap_command(limits: SandboxLimits, privileged: bool) -> list[str]:
     return cmd
 
 
+def response_budget_s(num_tests: int, limits: SandboxLimits) -> float:
+    """Wall time the tests of one response may take inside the sandbox (seconds)."""
+    per_test = limits.per_test_timeout_s + 0.5  # 0.5 s: fork, kill and reap
+    return min(num_tests * per_test, limits.total_timeout_s + per_test)
+
+
 def _job(program: str, inputs: list, fn_name: str | None, limits: SandboxLimits,
          privileged: bool) -> bytes:
     nproc = limits.max_processes
@@ -122,7 +129,7 @@ def _job(program: str, inputs: list, fn_name: str | None, limits: SandboxLimits,
         "per_test_timeout_s": limits.per_test_timeout_s,
         "rlimits": {"AS": limits.memory_bytes, "CPU": limits.cpu_time_s, "NPROC": nproc,
                     "FSIZE": limits.max_file_bytes, "NOFILE": limits.max_open_files},
-        "max_output_bytes": limits.max_output_bytes,
+        "max_output_bytes": limits.max_output_bytes, "total_timeout_s": limits.total_timeout_s,
         "drop_to_uid": limits.uid if privileged else None,
     }
     return marshal.dumps(job)
@@ -138,11 +145,11 @@ def run_tests(program: str, inputs: list, *, fn_name: str | None = None,
       fn_name: function to call (top-level or `Solution().fn_name`), or None for stdin/stdout.
     Returns:
       [num_tests] dicts {"status": "ok"|"error"|"timeout"|"output_limit"|"spawn_failed"|
-      "sandbox_failed", "out": captured stdout (or the call's JSON result)}.
+      "skipped"|"sandbox_failed", "out": captured stdout (or the call's JSON result)}.
     """
     privileged = os.geteuid() == 0
     cmd = bwrap_command(limits, privileged)
-    total_s = STARTUP_BUDGET_S + len(inputs) * (limits.per_test_timeout_s + 0.5)
+    total_s = STARTUP_BUDGET_S + response_budget_s(len(inputs), limits)
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:

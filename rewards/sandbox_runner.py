@@ -4,7 +4,7 @@ Not imported by the host. Reads one job on stdin (a `marshal`-encoded dict, writ
 trusted host; marshal and select are built in, which keeps the sandbox start-up short):
     {"program": str, "fn_name": str | None, "inputs": [...], "per_test_timeout_s": float,
      "rlimits": {"AS": bytes, "CPU": s, "NPROC": n, "FSIZE": bytes, "NOFILE": n},
-     "max_output_bytes": int, "drop_to_uid": int | None}
+     "max_output_bytes": int, "total_timeout_s": float, "drop_to_uid": int | None}
 and, for each test i, forks a child that: starts a new session (process group), applies the
 rlimits, drops to `drop_to_uid` (the runner itself stays the sandbox's root, so the child cannot
 signal it or read its file descriptors), then runs the program with stdin = inputs[i] (stdio
@@ -12,7 +12,10 @@ tests) or calls `fn_name(*inputs[i])` / `Solution().fn_name(*inputs[i])` and wri
 result to fd 3 (call tests). The runner captures at most `max_output_bytes`, kills the child's
 process group on timeout or overflow, and writes one record per test to stdout (8-byte
 little-endian length, then the marshal-encoded dict):
-    {"i": i, "status": "ok" | "error" | "timeout" | "output_limit" | "spawn_failed", "out": str}
+    {"i": i, "status": "ok" | "error" | "timeout" | "output_limit" | "spawn_failed" | "skipped",
+     "out": str}
+Tests start while the job's `total_timeout_s` lasts; the rest are "skipped" (failed), so a
+program that times out on every test costs at most that budget, not tests x per-test timeout.
 Expected outputs never enter the sandbox: comparison happens on the host.
 """
 import marshal
@@ -28,12 +31,11 @@ _RLIMITS = {"AS": resource.RLIMIT_AS, "CPU": resource.RLIMIT_CPU, "NPROC": resou
             "FSIZE": resource.RLIMIT_FSIZE, "NOFILE": resource.RLIMIT_NOFILE}
 
 
-def _child(job, i, in_path, out_w, res_w):
+def _child(job, i, in_fd, out_w, res_w):
     """In the forked child: isolate, limit, drop privileges, run test i; never returns."""
     code = 1
     try:
         os.setsid()
-        in_fd = os.open(in_path, os.O_RDONLY)
         null_fd = os.open("/dev/null", os.O_WRONLY)
         for src, dst in ((in_fd, 0), (out_w, 1), (null_fd, 2), (res_w, 3)):
             os.dup2(src, dst)
@@ -148,29 +150,35 @@ def _kill_group(pid):
         pass
 
 
-def run_test(job, i):
-    """Run test i in a fresh child; returns the result dict printed for it."""
-    in_path = "/tmp/.in/%d" % i
+def _input_fd(job, i):
+    """A read-only fd on test i's stdin, whose file is already unlinked (invisible to tests)."""
+    path = "/tmp/.in/%d" % i
     test_input = job["inputs"][i]
-    with open(in_path, "w") as f:
+    with open(path, "w") as f:
         f.write(test_input if isinstance(test_input, str) and not job.get("fn_name") else "")
-    os.chmod(in_path, 0o444)
+    fd = os.open(path, os.O_RDONLY)
+    os.unlink(path)
+    return fd
+
+
+def run_test(job, i, timeout_s):
+    """Run test i in a fresh child; returns the result dict written for it."""
+    in_fd = _input_fd(job, i)
     out_r, out_w = os.pipe()
     res_r, res_w = os.pipe()
     try:
         pid = os.fork()
     except OSError:
-        for fd in (out_r, out_w, res_r, res_w):
+        for fd in (in_fd, out_r, out_w, res_r, res_w):
             os.close(fd)
         return {"i": i, "status": "spawn_failed", "out": ""}
     if pid == 0:
         os.close(out_r)
         os.close(res_r)
-        _child(job, i, in_path, out_w, res_w)
-    os.close(out_w)
-    os.close(res_w)
-    status, (stdout, result) = _collect(pid, [out_r, res_r], job["per_test_timeout_s"],
-                                        job["max_output_bytes"])
+        _child(job, i, in_fd, out_w, res_w)
+    for fd in (in_fd, out_w, res_w):
+        os.close(fd)
+    status, (stdout, result) = _collect(pid, [out_r, res_r], timeout_s, job["max_output_bytes"])
     _kill_group(pid)
     os.close(out_r)
     os.close(res_r)
@@ -182,9 +190,15 @@ def main():
     job = marshal.loads(sys.stdin.buffer.read())
     if job.get("fn_name"):
         import json  # noqa: F401  (children inherit it: no import per test)
-    os.mkdir("/tmp/.in", 0o755)
+    os.mkdir("/tmp/.in", 0o700)
+    deadline = time.monotonic() + job["total_timeout_s"]
     for i in range(len(job["inputs"])):
-        record = marshal.dumps(run_test(job, i))
+        left_s = deadline - time.monotonic()
+        if left_s <= 0:
+            result = {"i": i, "status": "skipped", "out": ""}
+        else:
+            result = run_test(job, i, min(job["per_test_timeout_s"], left_s))
+        record = marshal.dumps(result)
         os.write(1, len(record).to_bytes(8, "little") + record)
 
 

@@ -11,7 +11,8 @@ from rewards import code_grader, sandbox
 from rewards.sandbox import SandboxLimits, run_tests
 
 TIGHT = SandboxLimits(per_test_timeout_s=1.0, cpu_time_s=2, memory_bytes=256 << 20,
-                      max_processes=16, max_output_bytes=64 << 10, tmpfs_bytes=8 << 20)
+                      max_processes=16, max_output_bytes=64 << 10, tmpfs_bytes=8 << 20,
+                      total_timeout_s=2.5)
 ADD_TESTS = {"inputs": ["1 2\n", "3 4\n", "10 -5\n"], "outputs": ["3\n", "7", "5\n"]}
 
 
@@ -77,13 +78,15 @@ def test_runs_as_nobody_with_an_empty_environment(monkeypatch):
         assert res["out"].startswith("65534 ")
 
 
-def test_too_slow_is_cut_at_the_per_test_timeout():
+def test_too_slow_is_cut_at_the_per_test_and_per_response_budgets():
     t0 = time.monotonic()
     res = run_tests("import time\nwhile True: pass", ["", ""], limits=TIGHT)
     assert [r["status"] for r in res] == ["timeout", "timeout"]
-    res = run_tests("import time\ntime.sleep(30)", [""], limits=TIGHT)
-    assert res[0]["status"] == "timeout"
-    assert time.monotonic() - t0 < 8
+    t1 = time.monotonic()
+    res = run_tests("import time\ntime.sleep(30)", ["1", "2", "3", "4", "5", "6"], limits=TIGHT)
+    # 1 s per test, 2.5 s per response: two full timeouts, a cut third, the rest never start
+    assert [r["status"] for r in res] == ["timeout"] * 3 + ["skipped"] * 3
+    assert t1 - t0 < 5 and time.monotonic() - t1 < 5
 
 
 def test_fork_bomb_is_contained_and_cleaned_up():

@@ -1,5 +1,6 @@
 """rewards: registry, answer extraction, score/score_batch contract, worker-pool robustness."""
 import os
+import signal
 import time
 
 import pytest
@@ -30,6 +31,8 @@ def _crash(record, answer):
         os._exit(3)  # kills the worker process itself
     if answer.strip() == "nan":
         return float("nan")
+    if answer.strip() == "alloc":
+        return len(bytearray(20 << 30))  # 20 GiB: over the worker's address-space cap
     return 1.0
 
 
@@ -102,13 +105,20 @@ def test_score_batch_statuses_and_reuse(pool):
 
 
 def test_crashing_checkers_give_zero_and_a_count(pool):
-    answers = ["fine", "raise", "nan", "exit", "fine"]
+    answers = ["fine", "raise", "nan", "exit", "alloc", "fine"]
     recs = [{"domain": "test_crash"}] * len(answers)
     r, d = pool.score_batch(recs, ["</think>" + a for a in answers], return_details=True)
-    assert r == [1.0, 0.0, 0.0, 0.0, 1.0]
-    assert d.status == ["ok", "crash", "crash", "crash", "ok"]
-    assert d.num_crashed == 3
+    assert r == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert d.status == ["ok", "crash", "crash", "crash", "crash", "ok"]
+    assert d.num_crashed == 4
     assert pool.score_batch(recs[:1], ["</think>fine"]) == [1.0]  # pool still usable
+
+
+def test_worker_killed_between_calls_is_replaced(pool):
+    os.kill(pool.worker_pids()[0], signal.SIGKILL)
+    time.sleep(0.2)
+    recs = [{"domain": "test_echo", "value": 1.0}] * 8
+    assert pool.score_batch(recs, ["</think>ok"] * 8) == [1.0] * 8
 
 
 def test_hanging_checker_cannot_stall_the_batch(pool):
