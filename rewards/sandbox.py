@@ -29,6 +29,7 @@ import subprocess
 
 RUNNER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_runner.py")
 SANDBOX_RUNNER = "/sandbox/runner.py"
+BWRAP_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # nothing of the caller's environment
 STARTUP_BUDGET_S = 5.0  # wall time allowed for the sandbox and interpreter to start
 
 
@@ -151,7 +152,8 @@ def run_tests(program: str, inputs: list, *, fn_name: str | None = None,
     cmd = bwrap_command(limits, privileged)
     total_s = STARTUP_BUDGET_S + response_budget_s(len(inputs), limits)
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=BWRAP_ENV)  # bwrap's own environ is readable in /proc/1
     try:
         raw, _ = proc.communicate(_job(program, inputs, fn_name, limits, privileged),
                                   timeout=total_s)
