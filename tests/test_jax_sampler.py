@@ -312,6 +312,28 @@ def test_sharded_over_a_mesh_equals_unsharded(sampler, model):
         JaxSampler(model, max_prompt_len=16, max_new_tokens=4, mesh=mesh, batch_axes=("fsdp",))
 
 
+def test_fp32_master_params_are_cast_inside_jit_for_bf16_compute():
+    cfg = CONFIG.replace(dtype="bfloat16", param_dtype="float32")
+    model = init_model(cfg, 0)
+    sampler = JaxSampler(model, max_prompt_len=16, max_new_tokens=4, prompt_buckets=(16,),
+                         batch_buckets=(4,))
+    assert sampler.cache_dtype == jnp.bfloat16
+    _, params = nnx.split(model, nnx.Param)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    kw = dict(n=N, temperature=1.0, top_p=1.0, max_new_tokens=4, seed=0)
+    master = sampler.generate(PROMPTS, **kw)
+    # fp32 values already rounded to bf16 must give the very same samples (same dtype: no
+    # recompile): the sampler computes with the bf16-rounded weights
+    rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), params)
+    sampler.update_weights(rounded, version=1)
+    cast = sampler.generate(PROMPTS, **kw)
+    assert master.token_ids == cast.token_ids
+    for x, y in zip(master.logprobs, cast.logprobs):
+        np.testing.assert_array_equal(x, y)
+        assert np.all(np.isfinite(x)) and np.all(x <= 0)
+    assert sampler.last_decode_steps == 4
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(prompts=[[1] * 17]), r"prompts\[0\] has 17 tokens; expected 1 to max_prompt_len=16"),
     (dict(prompts=[[1], []]), r"prompts\[1\] has 0 tokens"),

@@ -130,6 +130,7 @@ class JaxSampler(RolloutEngine):
         self._graphdef, params, self._rest = nnx.split(model, nnx.Param, ...)
         self._params = self._place(params)
         self.weight_version = 0
+        self.last_decode_steps = 0  # decode-loop iterations of the latest call (early exit)
         self.trace_counts = {"prefill": 0, "decode": 0}
         self._prefill_jit = jax.jit(self._prefill, static_argnames=("n", "max_new_tokens"))
         self._decode_jit = jax.jit(self._decode, static_argnames=("prompt_len",))
@@ -322,6 +323,7 @@ class JaxSampler(RolloutEngine):
             jnp.asarray([temperature, top_p], jnp.float32),
             jnp.asarray(seed % 2**32, jnp.uint32), prompt_len=prompt_len)
         tokens, logps, lengths, stopped, steps = jax.device_get(out)
+        self.last_decode_steps = int(steps)
         generate_s = time.perf_counter() - start
         rows = range(num_prompts * n)
         return RolloutBatch(
@@ -331,4 +333,4 @@ class JaxSampler(RolloutEngine):
             finish_reasons=[FINISH_STOP if stopped[r] else FINISH_LENGTH for r in rows],
             n=n, weight_version=self.weight_version,
             timing={"generate_s": generate_s, "prefill_s": prefill_s,
-                    "decode_s": generate_s - prefill_s, "decode_steps": float(steps)})
+                    "decode_s": generate_s - prefill_s})
