@@ -145,3 +145,24 @@ def test_pool_works_from_a_process_with_jax_initialised():
     assert float(jnp.arange(4.0).sum()) == 6.0  # JAX runtime (threads) started in this process
     with RewardPool(1) as p:
         assert p.score_batch([{"domain": "test_echo", "value": 0.75}], ["</think>ok"]) == [0.75]
+
+
+def test_bench_script_runs_on_a_tiny_batch(capsys):
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "rewards.py"
+    spec = importlib.util.spec_from_file_location("bench_rewards", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    records, responses = bench.math_batch(32, __import__("random").Random(1))
+    assert len(records) == 32 and all(r["domain"] == "math" for r in records)
+    old_argv = sys.argv
+    sys.argv = ["rewards.py", "--num-math", "32", "--num-code", "2", "--workers", "1"]
+    try:
+        bench.main()
+    finally:
+        sys.argv = old_argv
+    out = capsys.readouterr().out
+    assert '"math"' in out and '"code"' in out and '"num_crashed": 0' in out
