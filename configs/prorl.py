@@ -27,6 +27,7 @@ def paper_config() -> ml_collections.ConfigDict:
     m.path = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"  # HF model dir (or a hub id already in
                                       # the local HF cache); empty: random init from `preset`
     m.preset = "r1-distill-qwen-1.5b"  # prorl_jax.models.PRESETS name (used when path is empty)
+    m.vocab_size = 0                  # random init only: 0 = the preset's, -1 = the tokenizer's
     m.dtype = "bfloat16"              # compute dtype of the policy
     m.param_dtype = "float32"         # master weights
     m.ref_dtype = "bfloat16"          # the reference policy's stored dtype
@@ -141,6 +142,7 @@ def demo_config() -> ml_collections.ConfigDict:
     c.stages = ""
     c.model.path = ""
     c.model.preset = "tiny"
+    c.model.vocab_size = -1           # exactly the demo tokenizer's tokens
     c.model.dtype = "float32"
     c.model.ref_dtype = "float32"
     c.model.remat = "none"

@@ -67,6 +67,8 @@ def build_model(cfg, tokenizer) -> Qwen2ForCausalLM:
     if m.preset not in PRESETS:
         raise config_lib.ConfigError(f"config.model.preset={m.preset!r}: expected one of "
                                      f"{sorted(PRESETS)}")
+    if m.vocab_size:
+        settings["vocab_size"] = len(tokenizer) if m.vocab_size < 0 else m.vocab_size
     preset = PRESETS[m.preset].replace(**settings)
     if len(tokenizer) > preset.vocab_size:
         raise config_lib.ConfigError(

@@ -24,6 +24,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv) -> int:
     del argv
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every file it writes at INFO
+        logging.set_verbosity(logging.WARNING)
     from prorl_jax.sharding import initialize_distributed
     initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
     from prorl_jax import config as config_lib
@@ -44,8 +46,8 @@ def main(argv) -> int:
         return 3
     finally:
         trainer.close()
-    logging.info("done at step %d: reward/mean %.3f", trainer.step,
-                 metrics.get("reward/mean", float("nan")))
+    print(f"done at step {trainer.step}: reward/mean {metrics.get('reward/mean', float('nan')):.3f}"
+          f" (metrics: {_WORKDIR.value}/metrics.jsonl)", flush=True)
     return 0
 
 

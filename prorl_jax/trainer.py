@@ -166,7 +166,15 @@ class Trainer:
             groups, adv, pad_id=self.pad_id, length_bucket=cfg.batch.length_bucket,
             overlong_filter=cfg.reward.overlong_filter,
             num_rows=cfg.batch.prompts_per_step * cfg.rollout.n)
-        minis = [self._device_batch(m) for m in batching.mini_batches(full, rows_per_mini)]
+        # Mini-batches made only of padding rows (dynamic sampling came up short) are skipped:
+        # an optimizer step on them would still decay the weights and Adam's moments.
+        host_minis = [m for m in batching.mini_batches(full, rows_per_mini)
+                      if m["loss_mask"].any()]
+        tokens = [float(m["loss_mask"].sum()) for m in host_minis]
+        minis = [self._device_batch(m) for m in host_minis]
+        if not minis:
+            logging.warning("step %d: no response token counts in the loss; no update", step)
+            return {**metrics, **timer.pop(), "skipped": 1}
         with timer("logprobs"):  # all before the first update: pi_old is the sampling policy
             for mb in minis:
                 old_logp, _ = self.policy_logprobs(self.state.params, mb)
@@ -174,14 +182,17 @@ class Trainer:
                 mb["old_logp"] = (mb["sampler_logp"] if cfg.rollout.old_logp_source == "sampler"
                                   else old_logp)
                 mb["trainer_logp"] = old_logp
+            jax.block_until_ready(minis)
         with timer("update"):
             updates = []
             for mb in minis:
                 self.state, m = self.update_fn(self.state, mb)
                 updates.append(m)
+            jax.block_until_ready(self.state)  # async dispatch: charge the time to this phase
         with timer("sync"):
             self.engine.update_weights(self.state.params, step + 1)
-        metrics.update(_mean_update_metrics(updates))
+        metrics.update(_mean_update_metrics(updates, tokens))
+        metrics["loss_tokens"] = sum(tokens)
         metrics.update(_mismatch_metrics(minis))
         metrics.update({"advantage/mean": float(adv.mean()), "advantage/std": float(adv.std()),
                         "advantage/abs_mean": float(np.abs(adv).mean())})
@@ -208,7 +219,7 @@ class Trainer:
                                              metrics={"kl": self.last_kl or 0.0})
         self.reset_history.append(record)
         self.resets.record_reset(step)
-        logging.info("step %d: reference reset (%s)", step, trigger)
+        logging.warning("step %d: reference reset (%s)", step, trigger)
         return record
 
     def validate(self, step: int) -> dict[str, float]:
@@ -227,6 +238,8 @@ class Trainer:
         return out
 
     def save(self, step: int) -> None:
+        if self.checkpoints.latest_step() == step:
+            return
         extra = {"data": self.prompts.state_dict(), "resets": self.reset_history,
                  "reset_tracker": self.resets.state_dict(), "last_kl": self.last_kl,
                  "bad_steps": self.bad_steps, "config": self.base_cfg.to_dict()}
@@ -249,7 +262,7 @@ class Trainer:
             self._enter_stage(stage)
             self._build_step_functions()
         self.engine.update_weights(self.state.params, step)
-        logging.info("resumed from step %d", step)
+        logging.warning("resumed from step %d", step)
         return True
 
     def _on_signal(self, signum, frame) -> None:
@@ -284,15 +297,17 @@ class Trainer:
                     metrics["time/validate"] = time.perf_counter() - with_timer
                 writer.write(self.step, metrics)
                 done += 1
-                if self.step % self.cfg.log.every_steps == 0 or self.step == 1:
-                    logging.info(console_line(self.step, self.base_cfg.total_steps, metrics,
-                                              time.perf_counter() - t0, done))
+                if self.is_main and (self.step % self.cfg.log.every_steps == 0
+                                     or self.step == 1):
+                    print(console_line(self.step, self.base_cfg.total_steps, metrics,
+                                       time.perf_counter() - t0, done), flush=True)
                 k = self.cfg.checkpoint.every_steps
                 if k and self.step % k == 0:
                     self.save(self.step)
-            self.save(self.step)
+            if self.checkpoints.latest_step() != self.step:
+                self.save(self.step)
         finally:
-            self.checkpoints.wait()
+            self.checkpoints.wait_until_finished()
             writer.close()
             for s, handler in old.items():
                 signal.signal(s, handler)
@@ -305,7 +320,7 @@ class Trainer:
                             "row)", step, self.bad_steps)
             if self.bad_steps >= self.cfg.max_nonfinite_steps:
                 self.save(self.step)
-                self.checkpoints.wait()
+                self.checkpoints.wait_until_finished()
                 raise NonFiniteError(
                     f"{self.bad_steps} consecutive steps with a non-finite loss or gradient "
                     f"(config.max_nonfinite_steps={self.cfg.max_nonfinite_steps}); stopped at "
@@ -324,28 +339,31 @@ def _seed(seed: int, step: int, salt: int) -> int:
     return int(np.random.default_rng([seed, step, salt]).integers(2**31 - 1))
 
 
-def _mean_update_metrics(updates: list[dict]) -> dict[str, float]:
+def _mean_update_metrics(updates: list[dict], tokens: list[float]) -> dict[str, float]:
+    """Metrics of the step's mini-batch updates, weighted by their loss tokens."""
     host = jax.device_get(updates)
+    weights = np.asarray(tokens, np.float64) / max(sum(tokens), 1.0)
     out = {}
     for key, name in _UPDATE_METRICS.items():
-        values = [float(u[key]) for u in host if key in u]
-        if values:
-            out[name] = float(np.mean(values))
+        if all(key in u for u in host):
+            out[name] = float(sum(w * float(u[key]) for w, u in zip(weights, host)))
     out["nonfinite"] = float(sum(float(u.get("nonfinite", 0)) for u in host))
     return out
 
 
+@jax.jit
+def _mismatch_sums(trainer_logp, sampler_logp, mask):
+    diff = trainer_logp - sampler_logp
+    ratio = jnp.exp(jnp.clip(diff, -20.0, 20.0))
+    outside = (ratio < 0.9) | (ratio > 1.1)
+    return jnp.sum(jnp.abs(diff) * mask), jnp.sum(outside * mask), jnp.sum(mask)
+
+
 def _mismatch_metrics(minis: list[dict]) -> dict[str, float]:
     """Sampler vs trainer log-prob mismatch on the loss tokens (bf16/engine numerics)."""
-    total, abs_sum, outside = 0.0, 0.0, 0.0
-    for mb in minis:
-        mask = np.asarray(jax.device_get(mb["loss_mask"]))
-        diff = np.asarray(jax.device_get(mb["trainer_logp"])) - np.asarray(
-            jax.device_get(mb["sampler_logp"]))
-        total += mask.sum()
-        abs_sum += float((np.abs(diff) * mask).sum())
-        ratio = np.exp(np.clip(diff, -20, 20))
-        outside += float((((ratio < 0.9) | (ratio > 1.1)) * mask).sum())
+    sums = [_mismatch_sums(mb["trainer_logp"], mb["sampler_logp"], mb["loss_mask"])
+            for mb in minis]
+    abs_sum, outside, total = (float(sum(float(s[i]) for s in sums)) for i in range(3))
     if total == 0:
         return {}
     return {"logp_mismatch/abs_mean": abs_sum / total,
