@@ -53,6 +53,7 @@ def close_default_pool() -> None:
         _DEFAULT_POOL = None
 
 
+close_pools = close_default_pool  # the name prorl_jax/build.py calls
 atexit.register(close_default_pool)
 
 
@@ -64,7 +65,8 @@ def score_batch(records: list, responses: list, *, num_workers: int | None = Non
     Args:
       num_workers: size of the shared pool (default: CPU count, at most 16).
       think_mode: "require" (no `</think>` -> unanswered, reward 0) or "optional".
-      timeout_s: per-item limit in seconds (None: the domain's own; code scales with tests).
+      timeout_s: per-item limit in seconds (None: 10 s); never below a domain's own budget
+        (code: the sandbox's per-response budget, which scales with the number of tests).
       return_details: also return BatchDetails (per-item status, crash/timeout counts).
       pool: a RewardPool to use instead of the shared one.
     """

@@ -51,6 +51,10 @@ class BatchDetails:
     def num_unanswered(self) -> int:
         return self.count("unanswered")
 
+    # Aliases under the names prorl_jax/build.py reads.
+    num_errors = num_crashed
+    num_timeouts = num_timed_out
+
     def as_dict(self) -> dict:
         return {"num_items": len(self.status), "num_crashed": self.num_crashed,
                 "num_timed_out": self.num_timed_out, "num_unanswered": self.num_unanswered,
@@ -159,7 +163,8 @@ class RewardPool:
                     timeout_s: float | None = None, return_details: bool = False):
         """Rewards [n] in [0, 1] (and BatchDetails if `return_details`); see module docstring.
 
-        timeout_s: per-item limit in seconds; None -> each domain's own (registry.Domain).
+        timeout_s: per-item limit in seconds (default registry.DEFAULT_TIMEOUT_S); a domain with
+          its own budget (code) gets at least that (registry.Domain.time_limit_s).
         """
         if self._closed:
             raise RuntimeError("RewardPool.score_batch: the pool is closed")
@@ -167,8 +172,7 @@ class RewardPool:
         domains, answers = prepare_batch(records, responses, think_mode)
         n = len(records)
         rewards, status = [0.0] * n, ["unanswered"] * n
-        limits = [timeout_s if timeout_s is not None else d.time_limit_s(r)
-                  for d, r in zip(domains, records)]
+        limits = [d.time_limit_s(r, timeout_s) for d, r in zip(domains, records)]
         items = [(i, domains[i].fn, records[i], answers[i]) for i in range(n)
                  if answers[i] is not None]
         if items:

@@ -34,9 +34,17 @@ class Domain:
     validate: Callable[[dict], None] | None = None
     timeout_s: Callable[[dict], float] | None = None
 
-    def time_limit_s(self, record: dict) -> float:
-        """Per-item wall-clock limit (seconds) for scoring `record`."""
-        return float(self.timeout_s(record)) if self.timeout_s else DEFAULT_TIMEOUT_S
+    def time_limit_s(self, record: dict, requested_s: float | None = None) -> float:
+        """Per-item wall-clock limit (seconds) for scoring `record`.
+
+        requested_s (the caller's limit) replaces DEFAULT_TIMEOUT_S, but never cuts below a
+        domain's own budget (code: its sandbox's per-response budget), which would turn slow
+        but legitimate scoring into reward 0.
+        """
+        own = float(self.timeout_s(record)) if self.timeout_s else None
+        if requested_s is None:
+            return own if own is not None else DEFAULT_TIMEOUT_S
+        return max(float(requested_s), own) if own is not None else float(requested_s)
 
 
 _DOMAINS: dict[str, Domain] = {}

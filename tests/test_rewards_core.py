@@ -166,3 +166,22 @@ def test_bench_script_runs_on_a_tiny_batch(capsys):
         sys.argv = old_argv
     out = capsys.readouterr().out
     assert '"math"' in out and '"code"' in out and '"num_crashed": 0' in out
+
+
+def test_time_limits_respect_a_domains_own_budget():
+    from rewards.registry import DEFAULT_TIMEOUT_S, get_domain
+
+    echo = get_domain({"domain": "test_echo", "value": 1})
+    assert echo.time_limit_s({}) == DEFAULT_TIMEOUT_S and echo.time_limit_s({}, 2.5) == 2.5
+    code = {"domain": "code", "tests": {"inputs": ["1"] * 10, "outputs": ["1"] * 10}}
+    own = get_domain(code).time_limit_s(code)
+    assert own > 10.0  # ten tests at 4 s within a 20 s response budget, plus start-up
+    assert get_domain(code).time_limit_s(code, 1.0) == own
+    assert get_domain(code).time_limit_s(code, 1000.0) == 1000.0
+
+
+def test_details_expose_the_counts_the_trainer_reads(pool):
+    _, d = pool.score_batch([{"domain": "test_crash"}] * 2, ["</think>raise", "</think>fine"],
+                            return_details=True)
+    assert (d.num_errors, d.num_timeouts, d.as_dict()["num_crashed"]) == (1, 0, 1)
+    assert rewards.close_pools is rewards.close_default_pool
