@@ -113,6 +113,10 @@ class JaxSampler(RolloutEngine):
                 raise ValueError(f"JaxSampler.{name} must be a positive int, got {value!r}")
         if not 0 <= pad_id < cfg.vocab_size:
             raise ValueError(f"JaxSampler.pad_id={pad_id} must be in [0, vocab={cfg.vocab_size})")
+        if max_prompt_len + max_new_tokens > cfg.max_position_embeddings:
+            raise ValueError(f"JaxSampler: max_prompt_len + max_new_tokens = "
+                             f"{max_prompt_len + max_new_tokens} exceeds the model's "
+                             f"max_position_embeddings={cfg.max_position_embeddings}")
         self.config = cfg
         self.max_prompt_len, self.max_new_tokens = max_prompt_len, max_new_tokens
         self.pad_id, self.max_stop_ids = pad_id, max_stop_ids
@@ -133,7 +137,9 @@ class JaxSampler(RolloutEngine):
         self.last_decode_steps = 0  # decode-loop iterations of the latest call (early exit)
         self.trace_counts = {"prefill": 0, "decode": 0}
         self._prefill_jit = jax.jit(self._prefill, static_argnames=("n", "max_new_tokens"))
-        self._decode_jit = jax.jit(self._decode, static_argnames=("prompt_len",))
+        # the prefill's cache is donated to the decode loop, which updates it in place
+        self._decode_jit = jax.jit(self._decode, static_argnames=("prompt_len",),
+                                   donate_argnames=("ks", "vs"))
 
     # -- weights --------------------------------------------------------------------------------
 
@@ -219,9 +225,9 @@ class JaxSampler(RolloutEngine):
         """The decode loop. logits f32[B, V]; prompt_lens int32[B]; row_ids int32[B] (global
         sample index, the RNG stream); done bool[B] (True for filler rows); stop_ids int32[S]
         (-1 = unused); sampling f32[2] = (temperature, top_p); seed uint32 scalar.
-        Returns (tokens int32[B, M], logprobs f32[B, M], lengths int32[B], stopped bool[B],
-        steps int32) with M = max_new_tokens = the cache's free slots; entries past lengths
-        are junk."""
+        Returns ((tokens int32[B, M], logprobs f32[B, M], lengths int32[B], stopped bool[B],
+        steps int32), (ks, vs)) with M = max_new_tokens = the cache's free slots (entries past
+        lengths are junk); the final cache is returned so the donated one is reused in place."""
         self.trace_counts["decode"] += 1
         model = self._model(params)
         batch, cache_len = kv_valid.shape
@@ -252,8 +258,8 @@ class JaxSampler(RolloutEngine):
         init = (jnp.int32(0), self._shard_batch(jnp.zeros((batch, max_new), jnp.int32)),
                 self._shard_batch(jnp.zeros((batch, max_new), jnp.float32)),
                 jnp.zeros((batch,), jnp.int32), done, jnp.zeros((batch,), bool), logits, ks, vs)
-        step, tokens, logps, lengths, _, stopped, _, _, _ = jax.lax.while_loop(cond, body, init)
-        return tokens, logps, lengths, stopped, step
+        step, tokens, logps, lengths, _, stopped, _, ks, vs = jax.lax.while_loop(cond, body, init)
+        return (tokens, logps, lengths, stopped, step), (ks, vs)
 
     # -- the engine interface -------------------------------------------------------------------
 
@@ -297,6 +303,7 @@ class JaxSampler(RolloutEngine):
                  top_p: float, max_new_tokens: int, stop_token_ids: Sequence[int] = (),
                  seed: int = 0) -> RolloutBatch:
         """n samples per prompt; see the module docstring and `RolloutBatch`."""
+        stop_token_ids = tuple(stop_token_ids or ())
         self._check_request(prompts, n, temperature, top_p, max_new_tokens, stop_token_ids)
         start = time.perf_counter()
         num_prompts = len(prompts)
@@ -316,7 +323,7 @@ class JaxSampler(RolloutEngine):
         batch = num_rows * n
         stop_ids = np.full((self.max_stop_ids,), -1, np.int32)
         stop_ids[:len(stop_token_ids)] = stop_token_ids
-        out = self._decode_jit(
+        out, _ = self._decode_jit(
             self._params, logits, ks, vs, kv_valid, self._put_batch(np.repeat(lens, n)),
             self._put_batch(np.arange(batch, dtype=np.int32)),
             self._put_batch(np.arange(batch) >= num_prompts * n), jnp.asarray(stop_ids),
