@@ -1,5 +1,7 @@
 """token_logprobs: equal to the naive full-logits computation (values and gradients), and its
 gradient never materialises a [tokens, vocab] buffer (only [chunk, vocab])."""
+import re
+
 import jax
 import jax.extend.core
 import jax.numpy as jnp
@@ -189,6 +191,34 @@ def test_compute_loss_on_token_logprobs_end_to_end(inputs):
     assert float(got_loss) == pytest.approx(float(want_loss), rel=1e-5)
     assert float(jnp.abs(want_grad).max()) > 1e-3
     np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_batch_sharded_inputs_need_no_collectives_forward(inputs):
+    """With the batch split over 8 devices, the forward runs without communication and the
+    backward's only collective is the reduction of the head gradient."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    hidden, head_weight, targets = inputs
+    hidden = jnp.concatenate([hidden, hidden * 0.5])           # batch 8: one row per device
+    targets = jnp.concatenate([targets, targets[::-1]])
+    hidden = jax.device_put(hidden, NamedSharding(mesh, P("data")))
+    targets = jax.device_put(targets, NamedSharding(mesh, P("data")))
+
+    def forward(h, w, t):
+        return token_logprobs(h, w, t, chunk_size=2 * CHUNK)
+
+    def collectives(fn):
+        text = jax.jit(fn).lower(hidden, head_weight, targets).compile().as_text()
+        return re.findall(r"\b(all-gather|all-reduce|all-to-all|collective-permute|"
+                          r"reduce-scatter)(?:-start)?\(", text)
+    assert collectives(forward) == []
+    assert set(collectives(jax.grad(lambda *a: jnp.sum(forward(*a)[0]), argnums=(0, 1)))) <= \
+        {"all-reduce"}
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(forward)(hidden, head_weight, targets)
+    want = numpy_logprobs(hidden, head_weight, targets)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_input_names_the_field(inputs):

@@ -6,10 +6,14 @@ z_s = (h_s @ W) / temperature (matmul in the inputs' dtype, f32 accumulation; f3
     logp_s    = z_s[target_s] - logsumexp(z_s)
     entropy_s = logsumexp(z_s) - sum_v p_v z_v          (= -sum_v p_v log p_v, p = softmax(z_s))
 
-Tokens are processed chunk_size at a time (lax.map forward, lax.scan backward) and the backward
-pass is written out (custom_vjp) so that neither pass holds more than one [chunk_size, vocab]
-block of logits: the full [batch * time, vocab] would be ~10 GB in f32 for Qwen2's
-151,936-entry vocabulary at 16k tokens. Per chunk the backward recomputes z and p and uses
+Tokens are processed about chunk_size at a time: a chunk is every row's next
+max(1, chunk_size // batch) positions, [batch, positions], so the batch axis (sharded under data
+parallelism) stays whole and each device computes only its own rows' logits. The forward is a
+lax.map over chunks, the backward a lax.scan written out by hand (custom_vjp), so neither pass
+holds more than one [batch, positions, vocab] block of logits: the full [batch * time, vocab]
+would be ~10 GB in f32 for Qwen2's 151,936-entry vocabulary at 16k tokens. (Under data
+parallelism each chunk's head gradient is all-reduced inside the scan: fewer, larger chunks
+mean fewer reductions.) Per chunk the backward recomputes z and p and uses
 
     d logp_s / d z_s    = onehot(target_s) - p
     d entropy_s / d z_s = -p * (z_s - sum_v p_v z_v)
@@ -46,7 +50,8 @@ def _chunk_backward(hidden, head_weight, targets, temperature, g_logp, g_entropy
     d head_weight f32[hidden, vocab], d temperature f32[])."""
     _, _, probs, z, mean_z = _chunk_forward(hidden, head_weight, targets, temperature)
     dz = -probs * (g_logp[:, None] + g_entropy[:, None] * (z - mean_z[:, None]))
-    dz = dz.at[jnp.arange(z.shape[0]), targets].add(g_logp)
+    is_target = jax.lax.broadcasted_iota(jnp.int32, z.shape, 1) == targets[:, None]
+    dz = dz + jnp.where(is_target, g_logp[:, None], 0.0)
     d_temperature = -jnp.sum(dz * z) / temperature
     d_logits = (dz / temperature).astype(jnp.result_type(hidden, head_weight))
     d_hidden = jnp.dot(d_logits, head_weight.T, preferred_element_type=jnp.float32)
@@ -56,10 +61,13 @@ def _chunk_backward(hidden, head_weight, targets, temperature, g_logp, g_entropy
 
 @jax.custom_vjp
 def _chunked_logprobs(chunked_hidden, head_weight, chunked_targets, temperature):
-    """chunked_hidden [chunks, chunk, hidden], chunked_targets int32[chunks, chunk] ->
-    (logp, entropy) f32[chunks, chunk]."""
+    """chunked_hidden [chunks, batch, positions, hidden], chunked_targets
+    int32[chunks, batch, positions] -> (logp, entropy) f32[chunks, batch, positions]."""
     def one_chunk(xs):
-        return _chunk_forward(xs[0], head_weight, xs[1], temperature)[:2]
+        hidden, targets = xs
+        logp, entropy = _chunk_forward(hidden.reshape(-1, hidden.shape[-1]), head_weight,
+                                       targets.reshape(-1), temperature)[:2]
+        return logp.reshape(targets.shape), entropy.reshape(targets.shape)
     return jax.lax.map(one_chunk, (chunked_hidden, chunked_targets))
 
 
@@ -73,9 +81,12 @@ def _chunked_logprobs_bwd(residuals, cotangents):
 
     def step(carry, xs):
         d_weight, d_temperature = carry
+        hidden, targets, g_logp, g_entropy = xs
         d_hidden, d_weight_chunk, d_temperature_chunk = _chunk_backward(
-            xs[0], head_weight, xs[1], temperature, xs[2], xs[3])
-        return (d_weight + d_weight_chunk, d_temperature + d_temperature_chunk), d_hidden
+            hidden.reshape(-1, hidden.shape[-1]), head_weight, targets.reshape(-1), temperature,
+            g_logp.reshape(-1), g_entropy.reshape(-1))
+        return ((d_weight + d_weight_chunk, d_temperature + d_temperature_chunk),
+                d_hidden.reshape(hidden.shape))
 
     zero = (jnp.zeros(head_weight.shape, jnp.float32), jnp.zeros((), jnp.float32))
     (d_weight, d_temperature), d_hidden = jax.lax.scan(
@@ -120,20 +131,24 @@ def token_logprobs(hidden, head_weight, targets, *, temperature=1.0,
     head_weight: [hidden, vocab] (logits = hidden @ head_weight); targets: int[batch, time].
     Returns (logp f32[batch, time], entropy f32[batch, time]) of the tempered distribution
     softmax(logits / temperature); differentiable (reverse mode) w.r.t. hidden, head_weight and
-    temperature. chunk_size: tokens per chunk (the token count is padded up to a multiple).
+    temperature. chunk_size: tokens per chunk, as max(1, chunk_size // batch) positions of every
+    row (time is padded up to a multiple of that internally).
     """
     hidden, head_weight, targets = jnp.asarray(hidden), jnp.asarray(head_weight), jnp.asarray(targets)
     _check_inputs(hidden, head_weight, targets, temperature, chunk_size)
     batch, time, width = hidden.shape
-    num_tokens = batch * time
-    chunk = max(1, min(int(chunk_size), num_tokens))
-    num_chunks = -(-num_tokens // chunk)
-    pad = num_chunks * chunk - num_tokens
-    chunked_hidden = jnp.pad(hidden.reshape(num_tokens, width), ((0, pad), (0, 0)))
-    chunked_targets = jnp.pad(targets.reshape(num_tokens).astype(jnp.int32), (0, pad))
-    logp, entropy = _chunked_logprobs(
-        chunked_hidden.reshape(num_chunks, chunk, width), head_weight,
-        chunked_targets.reshape(num_chunks, chunk), jnp.asarray(temperature, jnp.float32))
-    logp = logp.reshape(-1)[:num_tokens].reshape(batch, time)
-    entropy = entropy.reshape(-1)[:num_tokens].reshape(batch, time)
-    return logp, entropy
+    positions = max(1, min(int(chunk_size) // max(batch, 1), time))   # per row per chunk
+    num_chunks = -(-time // positions)
+    pad = num_chunks * positions - time
+    # [batch, time, ...] -> [chunks, batch, positions, ...]: the batch axis (sharded under data
+    # parallelism) stays whole, so each device computes only its own rows' logits.
+    chunked_hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(
+        batch, num_chunks, positions, width).swapaxes(0, 1)
+    chunked_targets = jnp.pad(targets.astype(jnp.int32), ((0, 0), (0, pad))).reshape(
+        batch, num_chunks, positions).swapaxes(0, 1)
+    logp, entropy = _chunked_logprobs(chunked_hidden, head_weight, chunked_targets,
+                                      jnp.asarray(temperature, jnp.float32))
+
+    def unchunk(x):   # [chunks, batch, positions] -> [batch, time]
+        return x.swapaxes(0, 1).reshape(batch, num_chunks * positions)[:, :time]
+    return unchunk(logp), unchunk(entropy)
