@@ -320,7 +320,8 @@ def load_pretrained(path: str, dtype: Any = jnp.float32, *, param_dtype: Any = N
         host = map_tensor(entry)
         host = np.array(host.T if transpose else host, dtype=want.dtype)  # one owned copy
         sharding = shardings(param_path) if shardings is not None else None
-        filled.append((param_path, var.replace(jax.device_put(host, sharding))))
+        value = jax.device_put(host, sharding).block_until_ready()  # host copy freed next
+        filled.append((param_path, var.replace(value)))
         used.add(name)
         del host
     _check_leftovers(entries, used, config)
