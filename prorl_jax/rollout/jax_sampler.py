@@ -120,7 +120,8 @@ class JaxSampler(RolloutEngine):
         self.config = cfg
         self.max_prompt_len, self.max_new_tokens = max_prompt_len, max_new_tokens
         self.pad_id, self.max_stop_ids = pad_id, max_stop_ids
-        self.prompt_buckets = tuple(sorted(prompt_buckets or default_prompt_buckets(max_prompt_len)))
+        self.prompt_buckets = tuple(sorted(prompt_buckets
+                                           or default_prompt_buckets(max_prompt_len)))
         if max(self.prompt_buckets) < max_prompt_len:
             raise ValueError(f"JaxSampler.prompt_buckets {self.prompt_buckets} must reach "
                              f"max_prompt_len={max_prompt_len}")
@@ -154,7 +155,7 @@ class JaxSampler(RolloutEngine):
         return axes
 
     def _place(self, params):
-        """Replicates onto the mesh any leaf not already on the mesh's devices (device to device)."""
+        """Replicates onto the mesh any leaf not on the mesh's devices (device to device)."""
         if self.mesh is None:
             return params
         mesh_devices = set(self.mesh.devices.flat)
@@ -164,7 +165,9 @@ class JaxSampler(RolloutEngine):
 
     def update_weights(self, params_or_model: Any, version: int) -> None:
         """Samples from these weights from now on: an `nnx.State` of the model's nnx.Param
-        (any float dtype, any sharding) or a model of the same structure. No host copy."""
+        (any float dtype, any sharding) or a model of the same structure. The sampler keeps a
+        reference, not a copy (leaves off the mesh are replicated onto it, device to device):
+        a train step that donates these buffers must be followed by another update_weights."""
         if isinstance(params_or_model, nnx.Module):
             _, params, _ = nnx.split(params_or_model, nnx.Param, ...)
         else:
@@ -278,7 +281,8 @@ class JaxSampler(RolloutEngine):
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"generate: n must be a positive int, got {n!r}")
         if not (math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"generate: temperature must be >= 0 (0 = greedy), got {temperature!r}")
+            raise ValueError(f"generate: temperature must be >= 0 (0 = greedy), "
+                             f"got {temperature!r}")
         if not 0 < top_p <= 1:
             raise ValueError(f"generate: top_p must be in (0, 1], got {top_p!r}")
         if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= self.max_new_tokens:
