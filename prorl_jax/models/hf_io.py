@@ -430,16 +430,23 @@ def _replaceable(path: str) -> bool:
 
 def save_pretrained(model_or_state: Any, path: str, *, config: Optional[Qwen2Config] = None,
                     dtype: Any = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                    extra_config: Optional[Mapping[str, Any]] = None) -> str:
+                    extra_config: Optional[Mapping[str, Any]] = None) -> Optional[str]:
     """Writes a HF checkpoint (config.json + safetensors) that transformers/vLLM load; -> path.
 
     model_or_state: Qwen2ForCausalLM or an nnx.State of its params (with `config`); dtype:
     stored dtype (default config.param_dtype); shards with an index above max_shard_bytes;
     extra_config: more config.json fields (e.g. eos_token_id). Written into a temp dir next to
     `path` and renamed into place; an existing `path` is replaced only if empty or a checkpoint.
+    Several processes: arrays not fully addressable are gathered (a collective), so every
+    process must call this; process 0 writes and returns the path, the others return None.
     """
     config, params = _flat_params(model_or_state, config)
     dtype = np.dtype(jnp.dtype(dtype if dtype is not None else config.param_dtype))
+    if jax.process_index() != 0:
+        for _, x in params:  # take part in the gathers in the same order as process 0
+            if isinstance(x, jax.Array) and not x.is_fully_addressable:
+                _to_host(x, dtype, False)
+        return None
     path = os.path.abspath(path)
     if os.path.exists(path) and not (os.path.isdir(path) and _replaceable(path)):
         raise FileExistsError(f"{path}: exists and is not an empty directory or a checkpoint; "
