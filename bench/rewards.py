@@ -10,6 +10,7 @@ right, wrong, or crash. Each phase is timed twice on the same pool: the first ca
 starting the workers, the second is the steady state a trainer sees. Besides wall time it reports the CPU
 seconds the workers and their sandboxes used (from /proc), since wall time on a shared machine
 depends on the load: cpu_s / workers is the wall time an otherwise idle machine would need.
+(Sandboxed processes are not charged to the workers, so code CPU is profiled separately.)
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import sys
 import time
 
@@ -109,6 +111,33 @@ def timed(pool, records, responses) -> tuple[float, float, list, dict]:
     return wall, cpu, scores, details.as_dict()
 
 
+def code_cpu_per_response(records: list, responses: list, k: int = 64) -> dict:
+    """CPU seconds per code response, scored one at a time in this process (k samples).
+
+    Sums this process's CPU, its reaped children's (bwrap) and what the runner reports for
+    itself and its tests. Kernel work of namespace set-up/tear-down that no process is charged
+    for is not included, so this is a lower bound; workers x wall is the upper bound.
+    """
+    from rewards.code_grader import DEFAULT_LIMITS
+    from rewards.extract import last_code_block
+    from rewards.sandbox import run_tests
+
+    k = min(k, len(records))
+    kids0, own0, sandbox_s = resource.getrusage(resource.RUSAGE_CHILDREN), time.process_time(), 0.0
+    t0 = time.perf_counter()
+    for record, response in zip(records[:k], responses[:k]):
+        stats: dict = {}
+        run_tests(last_code_block(response), record["tests"]["inputs"], limits=DEFAULT_LIMITS,
+                  stats=stats)
+        sandbox_s += stats.get("sandbox_cpu_s", 0.0)
+    wall_s = time.perf_counter() - t0
+    kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    host_s = time.process_time() - own0 + (kids1.ru_utime + kids1.ru_stime
+                                           - kids0.ru_utime - kids0.ru_stime)
+    return {"samples": k, "cpu_ms_per_response": round(1e3 * (host_s + sandbox_s) / k, 1),
+            "sequential_wall_ms_per_response": round(1e3 * wall_s / k, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-math", type=int, default=4096)
@@ -133,6 +162,15 @@ def main() -> None:
         print(f"{name}: {len(records)} items  first call {first_s:.2f} s  steady {wall_s:.2f} s "
               f"wall, {cpu_s:.2f} CPU-s (target < {target_s:.0f} s, load "
               f"{os.getloadavg()[0]:.1f})  {details}", flush=True)
+    records, responses = code_batch(args.num_code, rng)
+    profile = code_cpu_per_response(records, responses)
+    cpu_s = profile["cpu_ms_per_response"] / 1e3 * args.num_code
+    report["code"]["cpu_profile"] = {**profile,
+                                     "cpu_s_for_batch_lower_bound": round(cpu_s, 2),
+                                     "idle_wall_s_estimate": round(cpu_s / args.workers, 2)}
+    print(f"code CPU (lower bound): {profile['cpu_ms_per_response']} ms per response -> "
+          f"{cpu_s / args.workers:.1f} s for {args.num_code} on {args.workers} idle cores",
+          flush=True)
     print(json.dumps(report, indent=1))
 
 

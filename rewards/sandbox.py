@@ -137,13 +137,15 @@ def _job(program: str, inputs: list, fn_name: str | None, limits: SandboxLimits,
 
 
 def run_tests(program: str, inputs: list, *, fn_name: str | None = None,
-              limits: SandboxLimits = SandboxLimits()) -> list[dict]:
+              limits: SandboxLimits = SandboxLimits(), stats: dict | None = None) -> list[dict]:
     """Run `program` on every test input inside one sandbox.
 
     Args:
       program: Python source (untrusted).
       inputs: [num_tests] stdin strings (fn_name None) or argument lists (call-based).
       fn_name: function to call (top-level or `Solution().fn_name`), or None for stdin/stdout.
+      stats: if given, receives "sandbox_cpu_s" (CPU seconds of the runner and its tests, as the
+        runner measured them: the sandbox's set-up in bwrap is not included).
     Returns:
       [num_tests] dicts {"status": "ok"|"error"|"timeout"|"output_limit"|"spawn_failed"|
       "skipped"|"sandbox_failed", "out": captured stdout (or the call's JSON result)}.
@@ -163,10 +165,10 @@ def run_tests(program: str, inputs: list, *, fn_name: str | None = None,
     finally:
         _kill_group(proc.pid)
         proc.wait()
-    return _parse_results(raw, len(inputs))
+    return _parse_results(raw, len(inputs), stats if stats is not None else {})
 
 
-def _parse_results(raw: bytes, num_tests: int) -> list[dict]:
+def _parse_results(raw: bytes, num_tests: int, stats: dict) -> list[dict]:
     """Decode the runner's length-prefixed marshal records; missing tests -> "sandbox_failed"."""
     results = [{"status": "sandbox_failed", "out": ""} for _ in range(num_tests)]
     pos = 0
@@ -177,6 +179,9 @@ def _parse_results(raw: bytes, num_tests: int) -> list[dict]:
             break  # truncated by a kill mid-write
         try:
             item = marshal.loads(body)
+            if item["i"] == -1:
+                stats["sandbox_cpu_s"] = float(item["cpu_s"])
+                continue
             results[int(item["i"])] = {"status": str(item["status"]), "out": str(item["out"])}
         except (ValueError, EOFError, TypeError, KeyError, IndexError):
             continue

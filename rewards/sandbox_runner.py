@@ -14,6 +14,7 @@ process group on timeout or overflow, and writes one record per test to stdout (
 little-endian length, then the marshal-encoded dict):
     {"i": i, "status": "ok" | "error" | "timeout" | "output_limit" | "spawn_failed" | "skipped",
      "out": str}
+A last record {"i": -1, "cpu_s": float} gives the CPU time of the runner and its tests.
 Tests start while the job's `total_timeout_s` lasts; the rest are "skipped" (failed), so a
 program that times out on every test costs at most that budget, not tests x per-test timeout.
 Expected outputs never enter the sandbox: comparison happens on the host.
@@ -198,8 +199,14 @@ def main():
             result = {"i": i, "status": "skipped", "out": ""}
         else:
             result = run_test(job, i, min(job["per_test_timeout_s"], left_s))
-        record = marshal.dumps(result)
-        os.write(1, len(record).to_bytes(8, "little") + record)
+        _write_record(result)
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    _write_record({"i": -1, "cpu_s": own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime})
+
+
+def _write_record(record):
+    data = marshal.dumps(record)
+    os.write(1, len(data).to_bytes(8, "little") + data)
 
 
 if __name__ == "__main__":
