@@ -32,28 +32,45 @@ from prorl_jax.loss._checks import check_ndim, check_positive_int, is_concrete_n
 DEFAULT_CHUNK_SIZE = 1024
 
 
+def _tempered_logits(hidden, head_weight, temperature):
+    """z f32[chunk, vocab] = (hidden [chunk, hidden] @ head_weight [hidden, vocab]) / temperature."""
+    z = jnp.dot(hidden, head_weight, preferred_element_type=jnp.float32).astype(jnp.float32)
+    return z / temperature
+
+
+def _softmax_stats(z, targets):
+    """Per row of z f32[chunk, vocab]: logsumexp(z), the target's z, and the mean of z under
+    p = softmax(z); each f32[chunk] (p is recomputed inline, never stored)."""
+    log_normaliser = jax.nn.logsumexp(z, axis=-1)
+    target_z = jnp.take_along_axis(z, targets[:, None], axis=-1)[:, 0]
+    mean_z = jnp.sum(jnp.exp(z - log_normaliser[:, None]) * z, axis=-1)
+    return log_normaliser, target_z, mean_z
+
+
 def _chunk_forward(hidden, head_weight, targets, temperature):
     """hidden [chunk, hidden], head_weight [hidden, vocab], targets int32[chunk] ->
-    logp f32[chunk], entropy f32[chunk], probs f32[chunk, vocab], z f32[chunk, vocab],
-    mean_z f32[chunk] (= sum_v p_v z_v)."""
-    z = jnp.dot(hidden, head_weight, preferred_element_type=jnp.float32).astype(jnp.float32)
-    z = z / temperature
-    log_normaliser = jax.nn.logsumexp(z, axis=-1)
-    probs = jnp.exp(z - log_normaliser[:, None])
-    mean_z = jnp.sum(probs * z, axis=-1)
-    logp = jnp.take_along_axis(z, targets[:, None], axis=-1)[:, 0] - log_normaliser
-    return logp, log_normaliser - mean_z, probs, z, mean_z
+    (logp f32[chunk], entropy f32[chunk])."""
+    z = _tempered_logits(hidden, head_weight, temperature)
+    log_normaliser, target_z, mean_z = _softmax_stats(z, targets)
+    return target_z - log_normaliser, log_normaliser - mean_z
 
 
 def _chunk_backward(hidden, head_weight, targets, temperature, g_logp, g_entropy):
     """Cotangents of one chunk: (d hidden [chunk, hidden] in hidden's dtype,
-    d head_weight f32[hidden, vocab], d temperature f32[])."""
-    _, _, probs, z, mean_z = _chunk_forward(hidden, head_weight, targets, temperature)
-    dz = -probs * (g_logp[:, None] + g_entropy[:, None] * (z - mean_z[:, None]))
+    d head_weight f32[hidden, vocab], d temperature f32[]).
+
+    dz = g_logp * (onehot(target) - p) - g_entropy * p * (z - mean_z);  d logits = dz / T;
+    d T = -sum_v dz_v z_v / T = -(g_logp * (z_target - mean_z) - g_entropy * var_p(z)) / T.
+    """
+    z = _tempered_logits(hidden, head_weight, temperature)
+    log_normaliser, target_z, mean_z = _softmax_stats(z, targets)
+    probs = jnp.exp(z - log_normaliser[:, None])
+    var_z = jnp.sum(probs * (z - mean_z[:, None]) ** 2, axis=-1)
     is_target = jax.lax.broadcasted_iota(jnp.int32, z.shape, 1) == targets[:, None]
-    dz = dz + jnp.where(is_target, g_logp[:, None], 0.0)
-    d_temperature = -jnp.sum(dz * z) / temperature
+    dz = -probs * (g_logp[:, None] + g_entropy[:, None] * (z - mean_z[:, None]))
+    dz = jnp.where(is_target, dz + g_logp[:, None], dz)
     d_logits = (dz / temperature).astype(jnp.result_type(hidden, head_weight))
+    d_temperature = -jnp.sum(g_logp * (target_z - mean_z) - g_entropy * var_z) / temperature
     d_hidden = jnp.dot(d_logits, head_weight.T, preferred_element_type=jnp.float32)
     d_weight = jnp.dot(hidden.T, d_logits, preferred_element_type=jnp.float32)
     return d_hidden.astype(hidden.dtype), d_weight.astype(jnp.float32), d_temperature
@@ -66,7 +83,7 @@ def _chunked_logprobs(chunked_hidden, head_weight, chunked_targets, temperature)
     def one_chunk(xs):
         hidden, targets = xs
         logp, entropy = _chunk_forward(hidden.reshape(-1, hidden.shape[-1]), head_weight,
-                                       targets.reshape(-1), temperature)[:2]
+                                       targets.reshape(-1), temperature)
         return logp.reshape(targets.shape), entropy.reshape(targets.shape)
     return jax.lax.map(one_chunk, (chunked_hidden, chunked_targets))
 
