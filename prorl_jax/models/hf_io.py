@@ -289,6 +289,27 @@ def _equal_rows(a: np.ndarray, b: np.ndarray, rows: int = 8192) -> bool:
     return all(np.array_equal(a[i:i + rows], b[i:i + rows]) for i in range(0, len(a), rows))
 
 
+def _match_tensors(abstract: nnx.State, entries: dict[str, TensorEntry], path: str,
+                   config: Qwen2Config) -> list:
+    """[(param path, Variable, TensorEntry, transpose?)], checked before any tensor is read:
+    every parameter present with its HF shape, nothing unexpected left over."""
+    plan = []
+    for param_path, var in nnx.to_flat_state(abstract):
+        name, transpose = hf_name(param_path)
+        shape = tuple(var.get_value().shape)
+        hf_shape = shape[::-1] if transpose else shape
+        entry = entries.get(name)
+        if entry is None:
+            raise CheckpointError(f"{path}: missing tensor {name} (expected shape "
+                                  f"{list(hf_shape)})")
+        if entry.shape != hf_shape:
+            raise CheckpointError(f"{entry.file}: tensor {name} has shape {list(entry.shape)}, "
+                                  f"expected {list(hf_shape)}")
+        plan.append((param_path, var, entry, transpose))
+    _check_leftovers(entries, {hf_name(p)[0] for p, *_ in plan}, config)
+    return plan
+
+
 def load_pretrained(path: str, dtype: Any = jnp.float32, *, param_dtype: Any = None,
                     remat: str = "none", attention_impl: str = "auto",
                     shardings: Optional[Shardings] = None,
@@ -303,28 +324,16 @@ def load_pretrained(path: str, dtype: Any = jnp.float32, *, param_dtype: Any = N
     config = read_config(path, dtype=jnp.dtype(dtype).name,
                          param_dtype=jnp.dtype(param_dtype).name, remat=remat,
                          attention_impl=attention_impl, **config_overrides)
-    entries = checkpoint_tensors(path)
     graphdef, abstract = abstract_params(config)
-    filled, used = [], set()
-    for param_path, var in nnx.to_flat_state(abstract):
-        name, transpose = hf_name(param_path)
-        want = var.get_value()
-        hf_shape = tuple(reversed(want.shape)) if transpose else tuple(want.shape)
-        entry = entries.get(name)
-        if entry is None:
-            raise CheckpointError(f"{path}: missing tensor {name} (expected shape "
-                                  f"{list(hf_shape)})")
-        if entry.shape != hf_shape:
-            raise CheckpointError(f"{entry.file}: tensor {name} has shape {list(entry.shape)}, "
-                                  f"expected {list(hf_shape)}")
+    filled = []
+    for param_path, var, entry, transpose in _match_tensors(
+            abstract, checkpoint_tensors(path), path, config):
         host = map_tensor(entry)
-        host = np.array(host.T if transpose else host, dtype=want.dtype)  # one owned copy
+        host = np.array(host.T if transpose else host, dtype=var.get_value().dtype)  # owned copy
         sharding = shardings(param_path) if shardings is not None else None
         value = jax.device_put(host, sharding).block_until_ready()  # host copy freed next
         filled.append((param_path, var.replace(value)))
-        used.add(name)
         del host
-    _check_leftovers(entries, used, config)
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
