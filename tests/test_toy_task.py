@@ -126,8 +126,10 @@ def test_toy_reward_values():
     assert score_toy("7", "7") == 1.0
     assert score_toy("7", " 7\n") == 1.0
     assert score_toy("42", "42") == 1.0
-    assert score_toy("7", "7abc") == 0.5
-    assert score_toy("4", "42") == 0.5
+    assert score_toy("7", "7abc") == 0.5 * 1 / 4
+    assert score_toy("7", "7a") == 0.25
+    assert score_toy("4", "42") == 0.25
+    assert score_toy("42", "42 x") == 0.5 * 2 / 4
     assert score_toy("42", "4") == 0.0
     assert score_toy("7", "x7") == 0.0
     assert score_toy("7", "") == 0.0
