@@ -135,7 +135,8 @@ def test_group_advantages_random_against_reference(std_normalize, ddof, scope):
 def test_group_advantages_accepts_numpy_ints_and_host_arrays():
     rewards = np.array([1.0, 0.8, 0.0, 0.4], np.float64)
     np.testing.assert_allclose(L.group_advantages(rewards, np.int64(4)),
-                               group_advantages_jit(jnp.asarray(rewards, jnp.float32), 4), rtol=1e-6)
+                               group_advantages_jit(jnp.asarray(rewards, jnp.float32), 4),
+                               rtol=1e-6)
 
 
 def test_group_advantages_single_response_groups_are_zero_not_nan():
@@ -289,7 +290,8 @@ def test_aggregate_hand_values():
     values = jnp.array([[1.0, 2.0, 3.0], [4.0, 100.0, 100.0], [7.0, 7.0, 7.0]])
     mask = jnp.array([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
     assert float(L.aggregate_loss(values, mask, "token-mean")) == pytest.approx(10 / 4)
-    assert float(L.aggregate_loss(values, mask, "seq-mean-token-mean")) == pytest.approx((2 + 4) / 2)
+    assert float(L.aggregate_loss(values, mask, "seq-mean-token-mean")) == \
+        pytest.approx((2 + 4) / 2)
     assert float(L.aggregate_loss(values, mask, "seq-mean-token-sum")) == pytest.approx((6 + 4) / 2)
     assert float(L.aggregate_loss(values, mask, "seq-mean-token-sum-norm", norm_len=5)) == \
         pytest.approx(10 / (3 * 5))
@@ -415,7 +417,8 @@ def test_compute_loss_matches_torch_autograd():
     import torch
     logp, old_logp, ref_logp, adv, mask, _ = random_batch(13)
     lp = torch.tensor(logp, dtype=torch.float64, requires_grad=True)
-    old, ref = torch.tensor(old_logp, dtype=torch.float64), torch.tensor(ref_logp, dtype=torch.float64)
+    old = torch.tensor(old_logp, dtype=torch.float64)
+    ref = torch.tensor(ref_logp, dtype=torch.float64)
     a = torch.tensor(adv, dtype=torch.float64)[:, None]
     m = torch.tensor(mask, dtype=torch.float64)
     ratio = torch.exp(torch.clamp(lp - old, -20, 20))

@@ -29,7 +29,8 @@ def test_soft_overlong_penalty_hand_values():
     lengths = jnp.array([10, 80, 85, 90, 100, 120])
     got = jax.jit(L.soft_overlong_penalty, static_argnums=(1, 2))(lengths, 100, 20, 0.5)
     np.testing.assert_allclose(got, [0.0, 0.0, -0.125, -0.25, -0.5, -0.5], rtol=1e-6, atol=0)
-    # algorithm.md's formula, reward += min(0, -(L - (L_max - buffer)) / buffer * factor), up to L_max
+    # algorithm.md's formula up to L_max:
+    # reward += min(0, -(L - (L_max - buffer)) / buffer * factor)
     for length in range(60, 101):
         want = min(0.0, -(length - (100 - 20)) / 20 * 0.5)
         assert float(L.soft_overlong_penalty(jnp.array([length]), 100, 20, 0.5)[0]) == \

@@ -21,7 +21,8 @@ def _check_counts(n, c, k) -> None:
     for bad, rule in zip(problems, expected):
         if np.any(bad):
             row = int(np.flatnonzero(bad.reshape(-1))[0])
-            raise ValueError(f"pass_at_k: row {row} has n={n.reshape(-1)[row]}, c={c.reshape(-1)[row]}, "
+            raise ValueError(f"pass_at_k: row {row} has n={n.reshape(-1)[row]}, "
+                             f"c={c.reshape(-1)[row]}, "
                              f"k={k.reshape(-1)[row]}; expected {rule}")
 
 

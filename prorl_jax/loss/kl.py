@@ -33,7 +33,7 @@ def _estimator(d, kind: str):
 
 
 def kl_estimate(logp, ref_logp, kind: str = "k3"):
-    """Per-token KL estimate f32[batch, time] from logp, ref_logp f32[batch, time] (see module doc)."""
+    """Per-token KL estimate f32[batch, time] from logp, ref_logp f32[batch, time] (module doc)."""
     check_choice("kl_kind", kind, KL_KINDS)
     logp = jnp.asarray(logp, jnp.float32)
     ref_logp = jnp.asarray(ref_logp, jnp.float32)

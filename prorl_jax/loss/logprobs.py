@@ -1,6 +1,6 @@
 """Per-token log-probs and entropies from final hidden states, without full logits.
 
-For token s (flattened over [batch, time]) with hidden state h_s, LM head W [hidden, vocab] and
+For token s (any position of [batch, time]) with hidden state h_s, LM head W [hidden, vocab] and
 z_s = (h_s @ W) / temperature (matmul in the inputs' dtype, f32 accumulation; f32 after that):
 
     logp_s    = z_s[target_s] - logsumexp(z_s)
@@ -33,7 +33,7 @@ DEFAULT_CHUNK_SIZE = 1024
 
 
 def _tempered_logits(hidden, head_weight, temperature):
-    """z f32[chunk, vocab] = (hidden [chunk, hidden] @ head_weight [hidden, vocab]) / temperature."""
+    """z f32[chunk, vocab] = (hidden [chunk, hidden] @ head_weight [hidden, vocab]) / T."""
     z = jnp.dot(hidden, head_weight, preferred_element_type=jnp.float32).astype(jnp.float32)
     return z / temperature
 
@@ -151,7 +151,8 @@ def token_logprobs(hidden, head_weight, targets, *, temperature=1.0,
     temperature. chunk_size: tokens per chunk, as max(1, chunk_size // batch) positions of every
     row (time is padded up to a multiple of that internally).
     """
-    hidden, head_weight, targets = jnp.asarray(hidden), jnp.asarray(head_weight), jnp.asarray(targets)
+    hidden, head_weight = jnp.asarray(hidden), jnp.asarray(head_weight)
+    targets = jnp.asarray(targets)
     _check_inputs(hidden, head_weight, targets, temperature, chunk_size)
     batch, time, width = hidden.shape
     positions = max(1, min(int(chunk_size) // max(batch, 1), time))   # per row per chunk

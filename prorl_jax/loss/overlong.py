@@ -35,7 +35,8 @@ def soft_overlong_penalty(lengths, max_length, buffer_length, penalty_factor=1.0
         raise ValueError(f"buffer_length must be > 0 tokens, got {buffer_length!r}")
     if (is_concrete_number(buffer_length) and is_concrete_number(max_length)
             and buffer_length > max_length):
-        raise ValueError(f"buffer_length={buffer_length!r} must not exceed max_length={max_length!r}")
+        raise ValueError(f"buffer_length={buffer_length!r} must not exceed "
+                         f"max_length={max_length!r}")
     lengths = jnp.asarray(lengths, jnp.float32)
     expected_length = max_length - buffer_length
     penalty = -(lengths - expected_length) / buffer_length * penalty_factor

@@ -35,7 +35,8 @@ class ClipIndicators(NamedTuple):
 
 def log_ratio(logp, old_logp):
     """clip(logp - stop_gradient(old_logp), -20, 20), f32[batch, time]."""
-    diff = jnp.asarray(logp, jnp.float32) - jax.lax.stop_gradient(jnp.asarray(old_logp, jnp.float32))
+    old_logp = jax.lax.stop_gradient(jnp.asarray(old_logp, jnp.float32))
+    diff = jnp.asarray(logp, jnp.float32) - old_logp
     return jnp.clip(diff, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
 
 
