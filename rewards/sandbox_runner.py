@@ -69,7 +69,7 @@ def _child(job, i, in_fd, out_w, res_w):
 
 def _run_program(job, test_input):
     fn_name = job.get("fn_name")
-    compiled = compile(job["program"], "<solution>", "exec")
+    compiled = job["compiled"]
     namespace = {"__name__": "__main__" if not fn_name else "__solution__"}
     exec(compiled, namespace)
     if not fn_name:
@@ -189,6 +189,13 @@ def run_test(job, i, timeout_s):
 
 def main():
     job = marshal.loads(sys.stdin.buffer.read())
+    try:  # once here, not per test (compiling in a fresh fork costs ~100x more: page faults);
+        # compiling executes nothing, and its size limits bound the work
+        job["compiled"] = compile(job["program"], "<solution>", "exec")
+    except BaseException:  # a syntax error: every test fails, nothing to run
+        for i in range(len(job["inputs"])):
+            _write_record({"i": i, "status": "error", "out": ""})
+        return
     if job.get("fn_name"):
         import json  # noqa: F401  (children inherit it: no import per test)
     os.mkdir("/tmp/.in", 0o700)
