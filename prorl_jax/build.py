@@ -5,7 +5,7 @@ Each builder reads only the config fields it needs; the trainer composes them.
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Sequence
+from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -127,7 +127,7 @@ def build_engine(cfg, model: Qwen2ForCausalLM, mesh, *, pad_id: int, workdir: st
 
 
 class RewardScorer:
-    """Decodes responses and scores them with `rewards.score_batch` in a reused worker pool."""
+    """Decodes responses and scores them with `rewards.score_batch` in a worker pool it owns."""
 
     def __init__(self, cfg, tokenizer):
         import rewards
@@ -135,7 +135,7 @@ class RewardScorer:
         self.tokenizer = tokenizer
         self.think_mode = cfg.reward.think_mode
         self.timeout_s = cfg.reward.timeout_s
-        self.num_workers = cfg.reward.num_workers or None
+        self.pool = rewards.RewardPool(cfg.reward.num_workers or None)
         self.failures = 0
 
     def __call__(self, records: Sequence[dict], response_ids: Sequence[Sequence[int]]
@@ -143,18 +143,10 @@ class RewardScorer:
         texts = self.tokenizer.batch_decode([list(r) for r in response_ids],
                                             skip_special_tokens=True)
         scores, details = self._rewards.score_batch(
-            list(records), texts, num_workers=self.num_workers, think_mode=self.think_mode,
-            timeout_s=self.timeout_s, return_details=True)
-        self.failures = _failure_count(details)
+            list(records), texts, think_mode=self.think_mode, timeout_s=self.timeout_s,
+            return_details=True, pool=self.pool)
+        self.failures = details.num_crashed + details.num_timed_out
         return np.asarray(scores, np.float32)
 
     def close(self) -> None:
-        close: Optional[Callable] = getattr(self._rewards, "close_pools", None)
-        if close is not None:
-            close()
-
-
-def _failure_count(details) -> int:
-    if isinstance(details, dict):
-        return int(sum(details.get(k, 0) for k in ("num_errors", "num_timeouts")))
-    return int(getattr(details, "num_errors", 0) + getattr(details, "num_timeouts", 0))
+        self.pool.close()
