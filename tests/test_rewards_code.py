@@ -183,3 +183,54 @@ def test_code_through_the_worker_pool():
     r, d = rewards.score_batch(recs, [_resp(right), _resp("print(0)"), _resp(bomb)],
                                return_details=True)
     assert r == [1.0, 0.0, 0.0] and d.num_crashed == 0
+
+
+NON_ROOT_PROBE = """
+import importlib.util, json, os, sys
+spec = importlib.util.spec_from_file_location("sandbox", sys.argv[1])
+sandbox = sys.modules["sandbox"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sandbox)
+limits = sandbox.SandboxLimits(per_test_timeout_s=1.0, cpu_time_s=2, total_timeout_s=3.0)
+os.environ["PRORL_SECRET_TOKEN"] = "hunter2"
+out = {"uid": os.getuid()}
+out["env"] = sandbox.run_tests("import os; print(sorted(os.environ))", [""], limits=limits)
+out["sum"] = sandbox.run_tests("print(sum(map(int, input().split())))", ["1 2"], limits=limits)
+bomb = "import os\\nwhile True:\\n    try:\\n        os.fork()\\n    except OSError:\\n        pass"
+out["bomb"] = sandbox.run_tests(bomb, [""], limits=limits)
+out["net"] = sandbox.run_tests(
+    "import socket\\ntry:\\n    socket.create_connection(('1.1.1.1', 53), timeout=0.5)\\n"
+    "    print('connected')\\nexcept OSError:\\n    print('blocked')", [""], limits=limits)
+print(json.dumps(out))
+"""
+
+
+def test_unprivileged_callers_get_a_user_namespace_sandbox(tmp_path):
+    """The non-root path (user namespace): run as uid 65534 via setpriv when we are root."""
+    import json
+    import shutil
+    import subprocess
+    import tempfile
+
+    work = tempfile.mkdtemp(prefix="rewards-nonroot-")  # readable by the unprivileged uid
+    try:
+        for name in ("sandbox.py", "sandbox_runner.py"):
+            shutil.copy(os.path.join(os.path.dirname(sandbox.__file__), name), work)
+        probe = os.path.join(work, "probe.py")
+        with open(probe, "w") as f:
+            f.write(NON_ROOT_PROBE)
+        os.chmod(work, 0o755)
+        for name in os.listdir(work):
+            os.chmod(os.path.join(work, name), 0o644)
+        cmd = ["/usr/bin/python3", probe, os.path.join(work, "sandbox.py")]
+        if os.geteuid() == 0:
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + cmd
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=work)
+    finally:
+        shutil.rmtree(work)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["uid"] != 0
+    assert out["sum"] == [{"status": "ok", "out": "3\n"}]
+    assert "PRORL_SECRET_TOKEN" not in out["env"][0]["out"] and out["env"][0]["status"] == "ok"
+    assert out["bomb"][0]["status"] in ("timeout", "error")
+    assert out["net"][0]["out"].strip() == "blocked"
