@@ -136,9 +136,13 @@ def paper_config() -> ml_collections.ConfigDict:
 
 
 def demo_config() -> ml_collections.ConfigDict:
-    """A tiny Qwen2 learning a procedurally generated task on 2 CPU cores in about 5 minutes."""
+    """A tiny Qwen2 learning a procedurally generated task on 2 CPU cores in a few minutes.
+
+    The task ("next 7" -> "8", prorl_jax/toy_task.py) is answered by one digit and a stop token:
+    a random policy scores about 0.01, a trained one about 1.0.
+    """
     c = paper_config()
-    c.total_steps = 120
+    c.total_steps = 80
     c.stages = ""
     c.model.path = ""
     c.model.preset = "tiny"
@@ -154,30 +158,30 @@ def demo_config() -> ml_collections.ConfigDict:
     c.data.toy_val_size = 100
     c.data.max_prompt_tokens = 32
     c.rollout.engine = "jax"
-    c.rollout.n = 8
+    c.rollout.n = 16
     c.rollout.temperature = 1.0
-    c.rollout.max_response_tokens = 4
-    c.batch.prompts_per_step = 16
-    c.batch.mini_batch_prompts = 8
-    c.batch.micro_batch_rows = 64
+    c.rollout.max_response_tokens = 2  # the digit and the stop token
+    c.batch.prompts_per_step = 32
+    c.batch.mini_batch_prompts = 16
+    c.batch.micro_batch_rows = 256
     c.batch.length_bucket = 16
     c.batch.max_generation_rounds = 2
     c.loss.beta = 1e-3
     c.reward.think_mode = "optional"
     c.reward.overlong_filter = False
     c.reward.num_workers = 1
-    c.optim.lr = 3e-3
+    c.optim.lr = 6e-3
     c.optim.weight_decay = 0.0
     c.mesh.fsdp = 1
-    c.reset.interval_steps = 60
-    c.eval.every_steps = 40
+    c.reset.interval_steps = 50
+    c.eval.every_steps = 20
     c.eval.n_samples = 4
     c.eval.k_values = "1,4"
     c.eval.temperature = 1.0
     c.eval.max_problems = 32
-    c.checkpoint.every_steps = 40
+    c.checkpoint.every_steps = 20
     c.checkpoint.keep_every = 0
-    c.log.every_steps = 10
+    c.log.every_steps = 5
     c.log.tensorboard = False
     return c
 
