@@ -196,14 +196,16 @@ def train_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, cfg: UpdateConfig, *, mesh: Mesh,
-                    state_shardings: TrainState, donate: bool = True) -> Callable:
+                    state_shardings: TrainState, donate: bool = True,
+                    compiler_options: Optional[dict] = None) -> Callable:
     """jax.jit of `train_step_fn` with explicit shardings: state by `state_shardings`, batch rows
-    over ("data", "fsdp"), metrics replicated; the input state is donated when `donate`.
+    over ("data", "fsdp"), metrics replicated; the input state is donated when `donate`;
+    compiler_options go to XLA (e.g. {"xla_backend_optimization_level": 0} for quick compiles).
     Compiles once per batch shape (bucket). Returns train_step(state, batch) -> (state, metrics)."""
     jitted = jax.jit(train_step_fn(graphdef, tx, schedule, cfg, state_shardings.params),
                      in_shardings=(state_shardings, batch_sharding(mesh)),
                      out_shardings=(state_shardings, replicated(mesh)),
-                     donate_argnums=(0,) if donate else ())
+                     donate_argnums=(0,) if donate else (), compiler_options=compiler_options)
     shards = batch_shards(mesh)
 
     def train_step(state: TrainState, batch: Mapping[str, Any]):
@@ -216,7 +218,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
 
 def make_logprob_fn(graphdef: nnx.GraphDef, cfg: UpdateConfig, *, mesh: Mesh,
-                    param_shardings: Any) -> Callable:
+                    param_shardings: Any, compiler_options: Optional[dict] = None) -> Callable:
     """Jitted, gradient-free logprob_fn(params, batch) -> (logp f32[B, T], entropy f32[B, T]),
     micro-batched like the update (a scan over micro-batches). For the old policy (the policy's
     params) and the reference (ref_params, e.g. bf16); compiles once per (shape, dtype)."""
@@ -230,7 +232,8 @@ def make_logprob_fn(graphdef: nnx.GraphDef, cfg: UpdateConfig, *, mesh: Mesh,
         return merge_micro_batches(logp), merge_micro_batches(entropy)
 
     rows = batch_sharding(mesh)
-    jitted = jax.jit(logprobs, in_shardings=(param_shardings, rows), out_shardings=rows)
+    jitted = jax.jit(logprobs, in_shardings=(param_shardings, rows), out_shardings=rows,
+                     compiler_options=compiler_options)
     shards = batch_shards(mesh)
 
     def logprob_fn(params: nnx.State, batch: Mapping[str, Any]):

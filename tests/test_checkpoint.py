@@ -14,8 +14,8 @@ from jax.sharding import PartitionSpec as P
 from prorl_jax import sharding as S
 from prorl_jax import train_state as TS
 from prorl_jax.checkpoint import Checkpointer, export_hf
-from train_helpers import (MODEL_CFG, fresh_state, graphdef_and_tx, make_batch, make_model,
-                           mesh_for, train_step_for)
+from train_helpers import (MODEL_CFG, forward_logits, fresh_state, graphdef_and_tx,
+                           make_batch, make_model, mesh_for, train_step_for)
 
 ONE = (1, 1, 1)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,5 +144,5 @@ def test_export_hf_loads_in_transformers_with_the_same_logits(tmp_path):
     ids = make_batch()["input_ids"][:2]
     with torch.no_grad():
         want = hf(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
-    got = np.asarray(jax.jit(lambda x: make_model()(x))(ids))
+    got = np.asarray(forward_logits(state.params, ids))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -21,16 +21,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(out_dir: str) -> dict:
+def start_two_processes(out_dir: str) -> list:
     coordinator = f"127.0.0.1:{free_port()}"
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=2",
                PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
     out = os.path.join(out_dir, "result.json")
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "train_helpers.py"),
-                               coordinator, "2", str(i), out], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    return [subprocess.Popen([sys.executable, os.path.join(HERE, "train_helpers.py"),
+                              coordinator, "2", str(i), out], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(2)]
+
+
+def finish(procs: list, out_dir: str) -> dict:
     logs = []
     try:
         for p in procs:
@@ -42,21 +45,24 @@ def run_two_processes(out_dir: str) -> dict:
                 p.wait()
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
-    with open(out) as f:
+    with open(os.path.join(out_dir, "result.json")) as f:
         return json.load(f)
 
 
 def test_two_processes_match_one_device(tmp_path):
-    result = run_two_processes(str(tmp_path))
-    assert result["processes"] == 2 and result["num_devices"] == 4
-    step, sh = train_step_for((1, 1, 1))
+    procs = start_two_processes(str(tmp_path))
+    step, sh = train_step_for((1, 1, 1))  # the reference, computed while the workers run
     state = jax.device_put(fresh_state(), sh)
+    want = []
     for i in range(TWO_PROCESS_STEPS):
         state, metrics = step(state, make_batch(seed=i))
-        got = result["metrics"][i]
+        want.append({k: float(v) for k, v in metrics.items()})
+    result = finish(procs, str(tmp_path))
+    assert result["processes"] == 2 and result["num_devices"] == 4
+    for got, ref in zip(result["metrics"], want):
         assert got["nonfinite"] == 0.0
         for k in ("loss", "grad_norm", "kl", "entropy", "num_tokens"):
-            np.testing.assert_allclose(got[k], float(metrics[k]), rtol=2e-5, err_msg=k)
+            np.testing.assert_allclose(got[k], ref[k], rtol=2e-5, err_msg=k)
     params = np.load(os.path.join(tmp_path, "params.npz"))
     leaves = jax.tree.leaves(state.params)
     assert len(params.files) == len(leaves)

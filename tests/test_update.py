@@ -10,18 +10,16 @@ from flax import nnx
 
 from prorl_jax import train_state as TS
 from prorl_jax import update as U
-from train_helpers import (assert_same_update, OPTIM_CFG, UPDATE_CFG, fresh_state, graphdef_and_tx, logprob_fn_for,
-                           make_batch, make_model, train_step_for)
+from train_helpers import (FAST_COMPILE, OPTIM_CFG, UPDATE_CFG, assert_same_update,
+                           forward_logits, fresh_state, graphdef_and_tx, logprob_fn_for,
+                           make_batch, train_step_for)
 
 ONE = (1, 1, 1)
 
 
-_forward = jax.jit(lambda ids: make_model()(ids))
-
-
 def numpy_logprobs(batch, temperature):
     """log softmax(logits / T)[target] and the entropy, from the model's full float32 logits."""
-    logits = np.asarray(_forward(jnp.asarray(batch["input_ids"])), np.float64) / temperature
+    logits = np.asarray(forward_logits(fresh_state().params, batch["input_ids"]), np.float64) / temperature
     logits -= logits.max(-1, keepdims=True)
     logz = np.log(np.exp(logits).sum(-1, keepdims=True))
     logp_all = logits - logz
@@ -71,7 +69,7 @@ def plain_loss(params, batch):
     return U.micro_batch_loss(params, graphdef, batch, UPDATE_CFG, denominator, counts)[0]
 
 
-plain_grad = jax.jit(jax.grad(plain_loss))
+plain_grad = jax.jit(jax.grad(plain_loss), compiler_options=FAST_COMPILE)
 
 
 def test_adamw_step_matches_a_hand_computed_first_step(stepped):
@@ -189,8 +187,9 @@ def test_reset_reference_copies_policy_zeroes_optimizer_and_kills_kl(stepped):
 
 def test_reset_casts_to_the_reference_dtype_and_schedule_restarts():
     _, tx, _ = graphdef_and_tx()
-    state = fresh_state(ref_dtype="bfloat16")
-    state = state._replace(params=jax.tree.map(lambda p: p + 1.0, state.params))
+    state = fresh_state()
+    state = state._replace(params=jax.tree.map(lambda p: p + 1.0, state.params),
+                           ref_params=TS.cast_tree(state.params, "bfloat16"))
     new, _ = TS.reset_reference(state, tx, step=1, trigger="manual")
     for ref, pol in zip(jax.tree.leaves(new.ref_params), jax.tree.leaves(state.params)):
         assert ref.dtype == jnp.bfloat16
