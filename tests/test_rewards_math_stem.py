@@ -30,6 +30,10 @@ def test_equivalent_forms_score_one(gold, boxed):
     ("5", r"<think>\boxed{5}</think>I am not sure."),  # a box only inside the reasoning
     ("5", r"\boxed{5}"),  # no </think>: unanswered under think_mode="require"
     ("5", r"</think>\boxed{}"), ("5", r"</think>\boxed{5"),  # empty / unclosed
+    # hedging: several candidates in one box never count as the answer
+    ("3", r"</think>\boxed{3, 4}"), ("3", r"</think>\boxed{3 \text{ or } 4}"),
+    ("3", r"</think>\boxed{\{3,4\}}"), ("3", r"</think>\boxed{3 \pm 1}"),
+    ("3", r"</think>\boxed{x}"),
 ])
 def test_wrong_and_malformed_score_zero(gold, response):
     assert _math(gold, response) == 0.0
