@@ -156,7 +156,8 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
     """Starts jax.distributed when the run spans several processes; returns True if it did.
 
     With no arguments, JAX's cluster auto-detection is used when a cluster is visible (SLURM
-    with more than one task, a TPU pod, Open MPI); otherwise (a single process) nothing happens.
+    with more than one task, a multi-host TPU slice, Open MPI, or JAX_COORDINATOR_ADDRESS set);
+    otherwise (a single process) nothing happens.
     Explicit: coordinator_address 'host:port' of process 0, num_processes, process_id.
     Call before any other JAX call that touches devices.
     """
@@ -180,6 +181,8 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
 
 def _cluster_detected() -> bool:
     env = os.environ
+    if "JAX_COORDINATOR_ADDRESS" in env:
+        return True
     if int(env.get("SLURM_NTASKS", "1")) > 1:
         return True
     if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from prorl_jax import sharding as S
 from prorl_jax import train_state as TS
 from prorl_jax import update as U
-from train_helpers import (FAST_COMPILE, OPTIM_CFG, UPDATE_CFG, assert_same_update,
+from prorl_jax.models import init_model
+from train_helpers import (FAST_COMPILE, MODEL_CFG, OPTIM_CFG, UPDATE_CFG, assert_same_update,
                            forward_logits, fresh_state, graphdef_and_tx, logprob_fn_for,
-                           make_batch, train_step_for)
+                           make_batch, mesh_for, train_step_for)
 
 ONE = (1, 1, 1)
 
@@ -156,6 +158,27 @@ def test_logprob_fn_matches_numpy_and_compiles_once_per_bucket():
     assert logprob_fn.jitted._cache_size() == 2
 
 
+def test_packed_rows_reach_the_model():
+    """Two sequences packed in one row (positions restart, segment ids 1 and 2) give the
+    log-probs of the same sequences in rows of their own."""
+    logprob_fn = logprob_fn_for(ONE, micro_batch_rows=4)
+    params = fresh_state().params
+    batch = make_batch(seed=4)
+    half = batch["input_ids"].shape[1] // 2
+    packed = {k: batch[k].copy() for k in ("input_ids", "targets")}
+    packed["input_ids"][:, half:] = batch["input_ids"][:, :half]  # the 2nd copy of the prefix
+    packed["targets"][:, half:] = batch["targets"][:, :half]
+    rows, time = packed["input_ids"].shape
+    t = np.arange(time, dtype=np.int32)
+    packed["positions"] = np.broadcast_to(np.where(t < half, t, t - half), (rows, time)).copy()
+    packed["segment_ids"] = np.broadcast_to(np.where(t < half, 1, 2).astype(np.int32),
+                                            (rows, time)).copy()
+    logp = np.asarray(logprob_fn(params, packed)[0])
+    plain = np.asarray(logprob_fn(params, batch)[0])
+    np.testing.assert_allclose(logp[:, :half - 1], plain[:, :half - 1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logp[:, half:-1], plain[:, :half - 1], rtol=1e-5, atol=1e-5)
+
+
 def test_reset_reference_copies_policy_zeroes_optimizer_and_kills_kl(stepped):
     trained, _ = stepped
     step, sh = train_step_for(ONE)
@@ -218,3 +241,23 @@ def test_params_are_an_nnx_state_that_merges_back():
     state = fresh_state()
     model = nnx.merge(graphdef_and_tx()[0], state.params)
     assert isinstance(state.params, nnx.State) and model.config.num_hidden_layers == 1
+
+
+def test_remat_model_gives_the_same_logprobs_and_update(stepped):
+    """Gradient checkpointing (remat="full") inside the scans changes nothing but memory."""
+    graphdef, _ = TS.split_params(nnx.eval_shape(lambda: init_model(MODEL_CFG.replace(
+        remat="full"))))
+    mesh = mesh_for(*ONE)
+    sh = S.tree_shardings(fresh_state(), mesh)
+    cfg = dataclasses.replace(UPDATE_CFG, micro_batch_rows=4)
+    logprob_fn = U.make_logprob_fn(graphdef, cfg, mesh=mesh, param_shardings=sh.params,
+                                   compiler_options=FAST_COMPILE)
+    batch = make_batch()
+    np.testing.assert_allclose(np.asarray(logprob_fn(fresh_state().params, batch)[0]),
+                               numpy_logprobs(batch, cfg.temperature)[0], rtol=1e-5, atol=1e-5)
+    _, tx, schedule = graphdef_and_tx()
+    step = U.make_train_step(graphdef, tx, schedule, cfg, mesh=mesh, state_shardings=sh,
+                             donate=False, compiler_options=FAST_COMPILE)
+    state, metrics = step(jax.device_put(fresh_state(), sh), batch)
+    np.testing.assert_allclose(float(metrics["grad_norm"]), stepped[1]["grad_norm"], rtol=2e-5)
+    assert_same_update(state, stepped[0])
