@@ -185,6 +185,7 @@ class RewardPool:
         return (rewards, details) if return_details else rewards
 
     def _run(self, items: list, limits: list, rewards: list, status: list) -> None:
+        """Score `items` [(index, fn, record, answer)] into rewards/status (indexed by item)."""
         for w in [w for w in self._workers if not w.process.is_alive()]:
             self._replace(w)  # died between calls (e.g. killed from outside)
         while len(self._workers) < self.num_workers:
@@ -192,53 +193,65 @@ class RewardPool:
         size = max(1, min(MAX_CHUNK, math.ceil(len(items) / (self.num_workers * CHUNKS_PER_WORKER))))
         queue = collections.deque(items[k:k + size] for k in range(0, len(items), size))
         pending = len(items)
-        fatal = None
         while pending:
-            now = time.monotonic()
-            for w in list(self._workers):
-                if not w.items and queue:
-                    chunk = queue.popleft()
-                    try:
-                        w.conn.send(chunk)
-                    except (BrokenPipeError, ConnectionResetError):  # the worker died idle
-                        queue.appendleft(chunk)
-                        self._replace(w)
-                        continue
-                    w.items, w.item_start = collections.deque(chunk), now
+            self._dispatch(queue)
             busy = [w for w in self._workers if w.items]
             if not busy:
                 if queue:
                     continue  # a worker was replaced before taking a chunk: assign again
                 raise RuntimeError(f"RewardPool: {pending} items pending but none queued or busy")
+            now = time.monotonic()
             wait_s = min(w.item_start + limits[w.items[0][0]] for w in busy) - now
             ready = multiprocessing.connection.wait([w.conn for w in busy], max(wait_s, 0))
             now = time.monotonic()
-            for w in list(busy):
-                if w.conn in ready:
-                    try:
-                        index, value, st = w.conn.recv()
-                    except (EOFError, OSError):
-                        index, value, st = w.items[0][0], 0.0, "crash"
-                        self._requeue(w, queue, skip_first=True)
-                        self._replace(w)
-                        rewards[index], status[index] = value, st
-                        pending -= 1
-                        continue
-                    if st.startswith("fatal:"):
-                        fatal, st = st[len("fatal:"):], "crash"
-                    rewards[index], status[index] = value, st
-                    w.items.popleft()
-                    w.item_start = now
-                    pending -= 1
-                elif now - w.item_start >= limits[w.items[0][0]]:
-                    index = w.items[0][0]
-                    rewards[index], status[index] = 0.0, "timeout"
-                    self._requeue(w, queue, skip_first=True)
-                    self._replace(w)
-                    pending -= 1
-            if fatal is not None:
-                self._abort_busy()
-                raise SandboxUnavailableError(fatal)
+            for w in busy:
+                outcome = self._poll(w, w.conn in ready, now, limits, queue)
+                if outcome is None:
+                    continue
+                index, value, st = outcome
+                if st.startswith("fatal:"):
+                    raise SandboxUnavailableError(st[len("fatal:"):])
+                rewards[index], status[index] = value, st
+                pending -= 1
+
+    def _dispatch(self, queue: collections.deque) -> None:
+        """Send the next chunk to every idle worker (replacing any that died idle)."""
+        now = time.monotonic()
+        for w in list(self._workers):
+            if w.items or not queue:
+                continue
+            chunk = queue.popleft()
+            try:
+                w.conn.send(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                queue.appendleft(chunk)
+                self._replace(w)
+                continue
+            w.items, w.item_start = collections.deque(chunk), now
+
+    def _poll(self, w: _Worker, is_ready: bool, now: float, limits: list,
+              queue: collections.deque) -> tuple[int, float, str] | None:
+        """(index, reward, status) of worker w's current item if it has an outcome yet.
+
+        A result; or "crash" if the worker died on it; or "timeout" if it ran past its limit
+        (the worker is killed). Either way the rest of the worker's chunk goes back on the queue.
+        """
+        index = w.items[0][0]
+        if is_ready:
+            try:
+                result = w.conn.recv()
+            except (EOFError, OSError):
+                self._requeue(w, queue, skip_first=True)
+                self._replace(w)
+                return index, 0.0, "crash"
+            w.items.popleft()
+            w.item_start = now
+            return result
+        if now - w.item_start >= limits[index]:
+            self._requeue(w, queue, skip_first=True)
+            self._replace(w)
+            return index, 0.0, "timeout"
+        return None
 
     @staticmethod
     def _requeue(worker: _Worker, queue: collections.deque, skip_first: bool) -> None:

@@ -36,6 +36,11 @@ def _crash(record, answer):
     return 1.0
 
 
+@rewards.register("test_no_sandbox", required_fields=())
+def _no_sandbox(record, answer):
+    raise rewards.SandboxUnavailableError("bwrap vanished")
+
+
 @pytest.fixture(scope="module")
 def pool():
     with RewardPool(2) as p:
@@ -185,3 +190,10 @@ def test_details_expose_the_counts_the_trainer_reads(pool):
                             return_details=True)
     assert (d.num_errors, d.num_timeouts, d.as_dict()["num_crashed"]) == (1, 0, 1)
     assert rewards.close_pools is rewards.close_default_pool
+
+
+def test_missing_sandbox_inside_a_worker_raises_and_the_pool_recovers(pool):
+    recs = [{"domain": "test_echo", "value": 1.0}] * 4 + [{"domain": "test_no_sandbox"}]
+    with pytest.raises(rewards.SandboxUnavailableError, match="bwrap vanished"):
+        pool.score_batch(recs, ["</think>ok"] * 5)
+    assert pool.score_batch(recs[:4], ["</think>ok"] * 4) == [1.0] * 4  # no stale results
