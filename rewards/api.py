@@ -53,7 +53,6 @@ def close_default_pool() -> None:
         _DEFAULT_POOL = None
 
 
-close_pools = close_default_pool  # the name prorl_jax/build.py calls
 atexit.register(close_default_pool)
 
 

@@ -51,10 +51,6 @@ class BatchDetails:
     def num_unanswered(self) -> int:
         return self.count("unanswered")
 
-    # Aliases under the names prorl_jax/build.py reads.
-    num_errors = num_crashed
-    num_timeouts = num_timed_out
-
     def as_dict(self) -> dict:
         return {"num_items": len(self.status), "num_crashed": self.num_crashed,
                 "num_timed_out": self.num_timed_out, "num_unanswered": self.num_unanswered,
