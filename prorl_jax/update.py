@@ -136,6 +136,8 @@ def micro_batch_loss(params: nnx.State, graphdef: nnx.GraphDef, batch: Mapping[s
                      cfg: UpdateConfig, denominator: jax.Array, counts) -> tuple[jax.Array, dict]:
     """This micro-batch's share of the mini-batch loss (and its sum-friendly metrics)."""
     logp, entropy = policy_logprobs(graphdef, params, batch, cfg)
+    if cfg.entropy_coef == 0:  # a metric only: no backward pass through the entropy
+        entropy = jax.lax.stop_gradient(entropy)
     return compute_loss(
         logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], batch["loss_mask"],
         eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, kl_kind=cfg.kl_kind,
