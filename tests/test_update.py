@@ -261,3 +261,16 @@ def test_remat_model_gives_the_same_logprobs_and_update(stepped):
     state, metrics = step(jax.device_put(fresh_state(), sh), batch)
     np.testing.assert_allclose(float(metrics["grad_norm"]), stepped[1]["grad_norm"], rtol=2e-5)
     assert_same_update(state, stepped[0])
+
+
+def test_donating_step_compiles_once_per_bucket_and_consumes_its_input(stepped):
+    step, sh = train_step_for(ONE, donate=True)
+    state = jax.device_put(jax.tree.map(jnp.copy, fresh_state()), sh)  # own buffers to donate
+    first = state
+    for seed in range(2):  # new data, same bucket: one compilation
+        state, metrics = step(state, make_batch(seed=seed))
+    assert step.jitted._cache_size() == 1 and int(state.step) == 2
+    leaf = jax.tree.leaves(first.params)[0]
+    assert leaf.is_deleted()  # donated: the step reused the input buffers
+    assert float(metrics["nonfinite"]) == 0.0
+    assert not any(x.is_deleted() for x in jax.tree.leaves(fresh_state()))
