@@ -153,6 +153,9 @@ def test_hf_tensors_and_state_save(checkpoints, tmp_path):
                           extra_config={"eos_token_id": 7})
     assert json.load(open(os.path.join(out, "config.json")))["eos_token_id"] == 7
     assert rel_err(logits_of(load_pretrained(out)), ref) < 1e-4
+    host_state = jax.tree.map(np.asarray, state)  # numpy leaves, as a host-gathered state
+    out = save_pretrained(host_state, str(tmp_path / "host"), config=model.config)
+    assert rel_err(logits_of(load_pretrained(out)), ref) < 1e-4
     _, bad = hf_io.abstract_params(model.config.replace(intermediate_size=64))
     with pytest.raises(ValueError, match=r"layers\.0\.mlp\.down_proj\.kernel has shape"):
         save_pretrained(bad, str(tmp_path / "bad"), config=model.config)
