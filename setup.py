@@ -18,6 +18,7 @@ setup(
         "ml-collections",
         "absl-py",
         "numpy",
+        "ml_dtypes",             # bf16 safetensors on the host
         "pyarrow",               # parquet data files
         # rewards/: verifiers (bubblewrap from Debian is the code sandbox, see install.sh)
         "math-verify==0.9.0",

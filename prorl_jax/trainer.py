@@ -49,7 +49,7 @@ class Trainer:
         self.tokenizer = build.load_tokenizer(cfg)
         self.stop_ids = build.stop_token_ids(self.tokenizer)
         self.pad_id = build.pad_token_id(self.tokenizer)
-        self.mesh = make_mesh(MeshConfig.from_config(cfg.mesh))
+        self.mesh = _make_mesh(MeshConfig.from_config(cfg.mesh))
         model = build.build_model(cfg, self.tokenizer)
         self.model_config = model.config
         self.graphdef, params = split_params(model)
@@ -332,6 +332,16 @@ class Trainer:
     def close(self) -> None:
         self.score.close()
         self.engine.close()
+
+
+def _make_mesh(mesh_cfg: MeshConfig):
+    """The run's mesh; a fully specified mesh smaller than a one-process machine takes the
+    first devices (e.g. the 1-device demo on a host with 8 CPU devices)."""
+    sizes = (mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+    wanted = int(np.prod(sizes))
+    if -1 not in sizes and jax.process_count() == 1 and wanted < jax.device_count():
+        return make_mesh(mesh_cfg, devices=jax.devices()[:wanted])
+    return make_mesh(mesh_cfg)
 
 
 def _seed(seed: int, step: int, salt: int) -> int:

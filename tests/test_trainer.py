@@ -36,7 +36,7 @@ def small_config(**overrides):
     cfg.batch.prompts_per_step = 4
     cfg.batch.mini_batch_prompts = 2
     cfg.rollout.n = 4
-    cfg.batch.micro_batch_rows = 4
+    cfg.batch.micro_batch_rows = 8
     cfg.data.toy_train_size = 64
     cfg.data.toy_val_size = 4
     cfg.eval.every_steps = 2
@@ -45,6 +45,7 @@ def small_config(**overrides):
     cfg.checkpoint.every_steps = 2
     cfg.checkpoint.async_save = False
     cfg.reset.interval_steps = 0
+    cfg.batch.dynamic_sampling = False  # a random policy rarely scores: train on every group
     for key, value in overrides.items():
         parent, _, leaf = key.rpartition(".")
         node = cfg
@@ -156,7 +157,7 @@ class _ScriptedEngine(RolloutEngine):
 
 
 def test_dynamic_sampling_refills_and_is_bounded(tmp_path):
-    cfg = small_config(**{"batch.max_generation_rounds": 3})
+    cfg = small_config(**{"batch.max_generation_rounds": 3, "batch.dynamic_sampling": True})
     trainer = Trainer(cfg, str(tmp_path))
     for rec in trainer.train_data.sources[0].records:
         rec["answer"] = "7"
