@@ -148,12 +148,16 @@ def micro_batch_loss(params: nnx.State, graphdef: nnx.GraphDef, batch: Mapping[s
 
 def accumulate_gradients(params: nnx.State, graphdef: nnx.GraphDef, batch: Mapping[str, Any],
                          cfg: UpdateConfig, grad_shardings: Optional[Any] = None):
-    """(loss, metrics, grads f32) of the whole mini-batch, summed over micro-batches in a scan."""
+    """(loss, metrics, grads f32) of the whole mini-batch, summed over micro-batches in a scan
+    (a single micro-batch: computed directly, without an accumulator)."""
     rows = batch["input_ids"].shape[0]
     num = num_micro_batches(rows, cfg.micro_batch_rows)
     denominator = loss_denominator(batch["loss_mask"], cfg.agg_mode, norm_len=cfg.norm_len)
     counts = token_counts(batch["loss_mask"])
     grad_fn = jax.value_and_grad(micro_batch_loss, has_aux=True)
+    if num == 1:  # no accumulator: one set of gradients in memory
+        (loss, metrics), grads = grad_fn(params, graphdef, batch, cfg, denominator, counts)
+        return loss, metrics, jax.tree.map(lambda g: g.astype(jnp.float32), grads)
     micro = split_micro_batches(batch, num)
 
     def body(carry, mb):

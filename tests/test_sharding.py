@@ -10,7 +10,9 @@ from prorl_jax import train_state as TS
 from prorl_jax.models import PRESETS, init_model
 from train_helpers import assert_same_update, fresh_state, make_batch, mesh_for, train_step_for
 
-MESHES = [(1, 8, 1), (1, 4, 2)]  # FSDP 8; FSDP 4 x tensor 2 (vs. one device)
+# (mesh (data, fsdp, tensor), micro_batch_rows), each against one device, whole batch:
+# FSDP 8 in one pass; FSDP 4 x tensor 2 accumulating over 4 micro-batches of 2 rows.
+MESHES = [((1, 8, 1), 0), ((1, 4, 2), 2)]
 
 
 def test_mesh_shape_fills_one_axis_and_rejects_bad_sizes():
@@ -106,10 +108,10 @@ def one_device_result():
     return jax.tree.map(np.asarray, state), {k: float(v) for k, v in metrics.items()}
 
 
-@pytest.mark.parametrize("mesh_shape", MESHES)
-def test_update_is_the_same_on_every_mesh(mesh_shape, one_device_result):
+@pytest.mark.parametrize("mesh_shape,micro_batch_rows", MESHES)
+def test_update_is_the_same_on_every_mesh(mesh_shape, micro_batch_rows, one_device_result):
     ref_state, ref_metrics = one_device_result
-    step, sh = train_step_for(mesh_shape)
+    step, sh = train_step_for(mesh_shape, micro_batch_rows)
     state, metrics = step(jax.device_put(fresh_state(), sh), make_batch())
     assert metrics["nonfinite"] == 0.0
     for k in ("loss", "grad_norm", "kl", "pg_loss", "entropy", "clip_frac_lower"):
