@@ -1,5 +1,6 @@
 """Two processes (jax.distributed on localhost, CPU, 2 devices each, one FSDP mesh over all 4)
-each feeding half of the rows give the same updates as one process on one device."""
+each feeding half of the rows give the same updates as one process on one device, and a
+checkpoint they save together restores exactly onto another mesh (FSDP 2 x tensor 2)."""
 import json
 import os
 import socket
@@ -59,6 +60,7 @@ def test_two_processes_match_one_device(tmp_path):
         want.append({k: float(v) for k, v in metrics.items()})
     result = finish(procs, str(tmp_path))
     assert result["processes"] == 2 and result["num_devices"] == 4
+    assert result["restored_equal"] is True  # checkpoint saved by both, restored on 2 x 2
     for got, ref in zip(result["metrics"], want):
         assert got["nonfinite"] == 0.0
         for k in ("loss", "grad_norm", "kl", "entropy", "num_tokens"):

@@ -5,8 +5,9 @@ cached per (mesh shape, micro_batch_rows) so each compiles once per test session
 
 As a script (the two-process test): `python tests/train_helpers.py COORD NPROC PID OUT` starts
 jax.distributed on localhost, runs TWO_PROCESS_STEPS updates on a mesh over all processes'
-devices with every process feeding its own rows, and (process 0) writes the metrics to OUT as
-JSON and the parameters to params.npz beside it.
+devices with every process feeding its own rows, saves and restores a checkpoint across the
+processes onto another mesh, and (process 0) writes the metrics to OUT as JSON and the
+parameters to params.npz beside it.
 """
 from __future__ import annotations
 
@@ -129,6 +130,24 @@ def _replicated_host(tree, mesh):
     return jax.tree.map(np.asarray, gather(tree))
 
 
+def _checkpoint_round_trip(state, host_params, directory: str) -> bool:
+    """Saves the multi-process state, restores it onto another mesh over the same devices
+    (FSDP 2 x tensor 2), and says whether the step and every parameter came back exactly."""
+    from prorl_jax.checkpoint import Checkpointer
+    other = S.make_mesh(S.MeshConfig(fsdp=-1, tensor=2))
+    _, abstract = TS.abstract_train_state(
+        make_model, graphdef_and_tx()[1], ref_dtype="float32",
+        shardings=functools.partial(S.tree_shardings, mesh=other))
+    with Checkpointer(os.path.join(directory, "ckpt")) as ckpt:
+        ckpt.save(int(state.step), state, {"processes": jax.process_count()})
+        ckpt.wait_until_finished()
+        restored, extra = ckpt.restore(abstract)
+    back = _replicated_host(restored.params, other)
+    same = jax.tree.map(np.array_equal, back, host_params)
+    return (all(jax.tree.leaves(same)) and extra == {"processes": jax.process_count()}
+            and int(_replicated_host(restored.step, other)) == int(state.step))
+
+
 def two_process_worker(coordinator: str, num_processes: int, process_id: int, out: str):
     S.initialize_distributed(coordinator, num_processes, process_id)
     mesh = S.make_mesh(S.MeshConfig(fsdp=-1))
@@ -145,12 +164,13 @@ def two_process_worker(coordinator: str, num_processes: int, process_id: int, ou
         state, m = step(state, S.global_batch(local, mesh))
         metrics.append({k: float(v) for k, v in m.items()})
     params = _replicated_host(state.params, mesh)
+    restored_equal = _checkpoint_round_trip(state, params, os.path.dirname(out))
     if process_id == 0:
         leaves = {f"leaf{i}": x for i, x in enumerate(jax.tree.leaves(params))}
         np.savez(os.path.join(os.path.dirname(out), "params.npz"), **leaves)
         with open(out, "w") as f:
             json.dump({"metrics": metrics, "num_devices": jax.device_count(),
-                       "processes": jax.process_count()}, f)
+                       "processes": jax.process_count(), "restored_equal": restored_equal}, f)
     jax.distributed.shutdown()
 
 
