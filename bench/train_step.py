@@ -7,6 +7,7 @@ bench/torch_peer_train.py (transformers + torch, the same work, in its own proce
 its figures and the ratio.
 
     python bench/train_step.py --preset r1-distill-qwen-1.5b --batch 4 --seq 4096 --peer
+    python bench/train_step.py --preset r1-distill-qwen-1.5b --batch 1 --seq 16384  # 16k fit
     python bench/train_step.py --preset tiny --batch 2 --seq 64 --peer        # CPU smoke run
 
 Model FLOPs per iteration (as the peer counts them; remat recomputation is not counted):
