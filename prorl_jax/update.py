@@ -226,15 +226,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 def make_logprob_fn(graphdef: nnx.GraphDef, cfg: UpdateConfig, *, mesh: Mesh,
                     param_shardings: Any, compiler_options: Optional[dict] = None) -> Callable:
     """Jitted, gradient-free logprob_fn(params, batch) -> (logp f32[B, T], entropy f32[B, T]),
-    micro-batched like the update (a scan over micro-batches). For the old policy (the policy's
+    micro-batched like the update (lax.map over micro-batches). For the old policy (the policy's
     params) and the reference (ref_params, e.g. bf16); compiles once per (shape, dtype)."""
     def logprobs(params, batch):
         num = num_micro_batches(batch["input_ids"].shape[0], cfg.micro_batch_rows)
         micro = split_micro_batches(batch, num)
-        # params ride in the scan carry so the model is rebuilt at the loop's trace level
-        # (nnx.remat inside the model refuses Variables from an outer trace).
-        _, (logp, entropy) = jax.lax.scan(
-            lambda p, mb: (p, policy_logprobs(graphdef, p, mb, cfg)), params, micro)
+        logp, entropy = jax.lax.map(lambda mb: policy_logprobs(graphdef, params, mb, cfg),
+                                    micro)
         return merge_micro_batches(logp), merge_micro_batches(entropy)
 
     rows = batch_sharding(mesh)

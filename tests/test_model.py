@@ -223,3 +223,24 @@ def test_forward_bench_smoke(capsys):
     h, kv, f, v, layers = 64, 32, 176, 128, 2
     expect = 2 * (layers * (2 * h * h + 2 * h * kv + 3 * h * f) + h * v) + 2 * layers * 16 * h
     assert bench.forward_flops_per_token(PRESETS["tiny"], 16) == expect
+
+
+def test_remat_under_map_inside_jit_matches_plain():
+    """Remat layers work whatever trace level the parameters come from (jit -> map -> grad)."""
+    ids = jnp.asarray(np.random.RandomState(3).randint(0, 128, (3, 2, 7)))
+    results = []
+    for remat in ("none", "full", "dots_no_batch"):
+        graphdef, params = nnx.split(init_model(PRESETS["tiny"].replace(remat=remat), 0),
+                                     nnx.Param)
+
+        @jax.jit
+        def value_and_grad(params, ids):
+            def total(params):
+                return jax.lax.map(lambda x: nnx.merge(graphdef, params)(x).mean(), ids).sum()
+            return jax.value_and_grad(total)(params)
+
+        results.append(value_and_grad(params, ids))
+    for value, grads in results[1:]:
+        np.testing.assert_allclose(value, results[0][0], rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(results[0][1])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

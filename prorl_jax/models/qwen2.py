@@ -262,12 +262,11 @@ class Qwen2ForCausalLM(nnx.Module):
         if segment_ids is not None:
             mask = attention_mask(segment_ids, segment_ids, index, index)
         x = self.embed_tokens(input_ids)
-        layer_fn = _apply_layer
-        if self.config.remat != "none":
-            layer_fn = nnx.remat(_apply_layer, policy=_remat_policy(self.config.remat),
-                                 static_argnums=(4,))
         for layer in self.layers:
-            x = layer_fn(layer, x, positions, mask, mask is None)
+            if self.config.remat == "none":
+                x = layer(x, positions, mask, mask is None)
+            else:
+                x = _remat_layer(layer, x, positions, mask, self.config.remat)
         return self.norm(x)
 
     def head_kernel(self) -> jax.Array:
@@ -319,8 +318,15 @@ class Qwen2ForCausalLM(nnx.Module):
         return self.norm(x), KVCache(jnp.stack(ks), jnp.stack(vs))
 
 
-def _apply_layer(layer: DecoderLayer, x, positions, mask, is_causal: bool):
-    return layer(x, positions, mask, is_causal)
+def _remat_layer(layer: DecoderLayer, x, positions, mask, policy: str):
+    """The layer under jax.checkpoint, as a pure function of its split state (so it works
+    whatever trace level the parameters come from: jit, scan, map, grad)."""
+    graphdef, state = nnx.split(layer)
+
+    def pure(state, x, positions, mask):
+        return nnx.merge(graphdef, state)(x, positions, mask, mask is None)
+
+    return jax.checkpoint(pure, policy=_remat_policy(policy))(state, x, positions, mask)
 
 
 def init_model(config: Qwen2Config, seed: int = 0) -> Qwen2ForCausalLM:
