@@ -99,9 +99,10 @@ PRESETS: dict[str, Qwen2Config] = {
 
 
 class KVCache(NamedTuple):
-    """Per-layer key/value cache for decoding: k, v are [L, B, S_max, K, D]."""
-    k: jax.Array
-    v: jax.Array
+    """Key/value cache for decoding: k, v are L-tuples (one per layer) of [B, S_max, K, D]
+    (separate buffers, so a decode step updates each layer's cache in place)."""
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
 
 
 def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -290,11 +291,13 @@ class Qwen2ForCausalLM(nnx.Module):
     # -- decoding with a key/value cache (used by the embedded sampler) -------------------------
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
-        """Zeroed cache [L, B, max_len, K, D] in `dtype` (default: the compute dtype)."""
+        """Zeroed cache, L layers of [batch, max_len, K, D] in `dtype` (default: compute)."""
         c = self.config
-        shape = (c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim)
+        shape = (batch, max_len, c.num_key_value_heads, c.head_dim)
         dtype = jnp.dtype(c.dtype) if dtype is None else dtype
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        layers = range(c.num_hidden_layers)
+        return KVCache(tuple(jnp.zeros(shape, dtype) for _ in layers),
+                       tuple(jnp.zeros(shape, dtype) for _ in layers))
 
     def decode(self, input_ids: jax.Array, positions: jax.Array, cache: KVCache,
                cache_index: jax.Array, kv_valid: jax.Array):
@@ -305,17 +308,17 @@ class Qwen2ForCausalLM(nnx.Module):
         query t attends slot s iff kv_valid[b, s] and s <= cache_index + t.
         """
         b, t = input_ids.shape
-        s_max = cache.k.shape[2]
+        s_max = cache.k[0].shape[1]
         q_index = cache_index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         kv_index = jnp.broadcast_to(jnp.arange(s_max, dtype=jnp.int32), (b, s_max))
         mask = (kv_valid[:, None, :] & (kv_index[:, None, :] <= q_index[:, :, None]))[:, None]
         x = self.embed_tokens(input_ids)
         ks, vs = [], []
-        for i, layer in enumerate(self.layers):
-            x, k, v = layer.decode(x, positions, cache.k[i], cache.v[i], cache_index, mask)
+        for layer, k, v in zip(self.layers, cache.k, cache.v):
+            x, k, v = layer.decode(x, positions, k, v, cache_index, mask)
             ks.append(k)
             vs.append(v)
-        return self.norm(x), KVCache(jnp.stack(ks), jnp.stack(vs))
+        return self.norm(x), KVCache(tuple(ks), tuple(vs))
 
 
 def _remat_layer(layer: DecoderLayer, x, positions, mask, policy: str):

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from prorl_jax.models.qwen2 import KVCache
 from prorl_jax.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutBatch, RolloutEngine
 from prorl_jax.rollout.sampling import sample_tokens
 
@@ -70,22 +71,11 @@ def left_pad(prompts: Sequence[Sequence[int]], num_rows: int, length: int,
     return ids, lens
 
 
-def _decode_layers(model, token_ids, positions, ks, vs, cache_index, kv_valid):
-    """One decode step against per-layer caches.
-
-    token_ids, positions int32[B, 1]; ks, vs: L-tuples of [B, S_max, K, D]; cache_index: the
-    slot the new token is written to (same for all rows); kv_valid bool[B, S_max].
-    Returns (next-token logits float32[B, V], ks, vs); the row attends valid slots <= its own.
-    """
-    slots = jnp.arange(kv_valid.shape[1], dtype=jnp.int32)
-    mask = (kv_valid & (slots <= cache_index)[None, :])[:, None, None, :]
-    x = model.embed_tokens(token_ids)
-    new_ks, new_vs = [], []
-    for layer, k, v in zip(model.layers, ks, vs):
-        x, k, v = layer.decode(x, positions, k, v, cache_index, mask)
-        new_ks.append(k)
-        new_vs.append(v)
-    return model.logits(model.norm(x))[:, 0], tuple(new_ks), tuple(new_vs)
+def _decode_step(model, token_ids, positions, cache: KVCache, cache_index, kv_valid):
+    """One decode step: token_ids, positions int32[B, 1] written at slot `cache_index` (the same
+    for all rows); kv_valid bool[B, S_max]. Returns (next-token logits f32[B, V], cache)."""
+    hidden, cache = model.decode(token_ids, positions, cache, cache_index, kv_valid)
+    return model.logits(hidden)[:, 0], cache
 
 
 class JaxSampler(RolloutEngine):
@@ -218,8 +208,8 @@ class JaxSampler(RolloutEngine):
             pad = [(0, 0), (0, max_new_tokens)] + [(0, 0)] * (x.ndim - 2)
             return self._shard_batch(jnp.repeat(jnp.pad(x, pad, constant_values=fill), n, axis=0))
 
-        ks = tuple(expand(cache.k[i]) for i in range(cache.k.shape[0]))
-        vs = tuple(expand(cache.v[i]) for i in range(cache.v.shape[0]))
+        ks = tuple(expand(k) for k in cache.k)
+        vs = tuple(expand(v) for v in cache.v)
         # generated slots are valid once written; causality hides the later ones
         return (self._shard_batch(jnp.repeat(logits, n, axis=0)), ks, vs, expand(valid, True))
 
@@ -250,8 +240,8 @@ class JaxSampler(RolloutEngine):
             hit_stop = active & jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
             stopped = stopped | hit_stop
             done = done | hit_stop | (step + 1 >= max_new)
-            logits, ks, vs = _decode_layers(model, token[:, None], (prompt_lens + step)[:, None],
-                                            ks, vs, prompt_len + step, kv_valid)
+            logits, (ks, vs) = _decode_step(model, token[:, None], (prompt_lens + step)[:, None],
+                                            KVCache(ks, vs), prompt_len + step, kv_valid)
             return (step + 1, tokens, logps, lengths, done, stopped,
                     self._shard_batch(logits), ks, vs)
 
