@@ -142,7 +142,7 @@ def demo_config() -> ml_collections.ConfigDict:
     a random policy scores about 0.01, a trained one about 1.0.
     """
     c = paper_config()
-    c.total_steps = 80
+    c.total_steps = 100
     c.stages = ""
     c.model.path = ""
     c.model.preset = "tiny"
@@ -159,7 +159,7 @@ def demo_config() -> ml_collections.ConfigDict:
     c.data.max_prompt_tokens = 32
     c.rollout.engine = "jax"
     c.rollout.n = 16
-    c.rollout.temperature = 1.0
+    c.rollout.temperature = 1.2           # the paper's
     c.rollout.max_response_tokens = 2  # the digit and the stop token
     c.batch.prompts_per_step = 32
     c.batch.mini_batch_prompts = 16
@@ -170,16 +170,16 @@ def demo_config() -> ml_collections.ConfigDict:
     c.reward.think_mode = "optional"
     c.reward.overlong_filter = False
     c.reward.num_workers = 1
-    c.optim.lr = 6e-3
+    c.optim.lr = 3e-3
     c.optim.weight_decay = 0.0
     c.mesh.fsdp = 1
     c.reset.interval_steps = 50
-    c.eval.every_steps = 20
+    c.eval.every_steps = 25
     c.eval.n_samples = 4
     c.eval.k_values = "1,4"
     c.eval.temperature = 1.0
     c.eval.max_problems = 32
-    c.checkpoint.every_steps = 20
+    c.checkpoint.every_steps = 25
     c.checkpoint.keep_every = 0
     c.log.every_steps = 5
     c.log.tensorboard = False

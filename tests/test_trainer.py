@@ -85,6 +85,29 @@ def test_run_writes_metrics_and_resets_and_stages(tmp_path):
     assert rows[0]["logp_mismatch/abs_mean"] < 1e-4
 
 
+def test_kl_threshold_and_validation_plateau_triggers(tmp_path):
+    cfg = small_config(**{"total_steps": 4, "reset.kl_threshold": 1e-12,
+                          "eval.every_steps": 1})
+    trainer = Trainer(cfg, str(tmp_path / "kl"))
+    trainer.run()
+    trainer.close()
+    triggers = [r.get("reset/trigger") for r in read_metrics(str(tmp_path / "kl"))]
+    # Step 0 ends with KL > 0 (its second mini-batch ran on updated weights), so every later
+    # step starts with a reset.
+    assert triggers == [None, resets.KL, resets.KL, resets.KL]
+    cfg = small_config(**{"total_steps": 4, "reset.plateau_patience": 1,
+                          "eval.every_steps": 1})
+    trainer = Trainer(cfg, str(tmp_path / "plateau"))
+    trainer.run()
+    trainer.close()
+    rows = read_metrics(str(tmp_path / "plateau"))
+    scores = [r["val/pass@1"] for r in rows]
+    fired = [i for i, r in enumerate(rows) if r.get("reset/trigger") == resets.PLATEAU]
+    assert fired, scores
+    i = fired[0]  # fired right after a validation that did not beat the best since the reset
+    assert i >= 2 and scores[i - 1] <= max(scores[:i - 1]), scores
+
+
 class _KillAt(Trainer):
     """Sends itself SIGTERM during step `kill_step` (the real handler then stops the run)."""
     kill_step = 2
