@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
@@ -114,13 +115,22 @@ def build_engine(cfg, model: Qwen2ForCausalLM, mesh, *, pad_id: int, workdir: st
         from prorl_jax.models import save_pretrained
         from prorl_jax.rollout import VLLMClient
         model_cfg = model.config
+        weights_dir = r.weights_dir or os.path.join(workdir, "vllm_weights")
 
         def write(params, path):
             save_pretrained(params, path, config=model_cfg, dtype=jnp.bfloat16)
 
-        return VLLMClient(base_urls=urls, weights_dir=r.weights_dir or
-                          os.path.join(workdir, "vllm_weights"), timeout_s=r.timeout_s,
-                          weight_writer=write)
+        def make_client():
+            return VLLMClient(base_urls=urls, weights_dir=weights_dir, timeout_s=r.timeout_s,
+                              weight_writer=write)
+
+        if jax.process_count() == 1:
+            return make_client()
+        # Several trainer processes: process 0 talks to the servers, all get the rollouts; the
+        # others only take part in the gathers of the sharded weights while they are written.
+        from prorl_jax.rollout.multihost import ProcessZeroEngine
+        return ProcessZeroEngine(make_client,
+                                 take_part_in_write=lambda params: write(params, weights_dir))
     from prorl_jax.rollout import JaxSampler
     return JaxSampler(model, max_prompt_len=cfg.data.max_prompt_tokens,
                       max_new_tokens=max_new_tokens, pad_id=pad_id, mesh=mesh)

@@ -1,0 +1,40 @@
+"""Worker of tests/test_multihost_rollout.py: one of two jax.distributed processes that share a
+vLLM server (the test double) through ProcessZeroEngine."""
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import safetensors.numpy
+
+
+def main(coordinator: str, process_id: int, url: str, out_dir: str) -> None:
+    jax.distributed.initialize(coordinator, 2, process_id)
+    from prorl_jax.rollout import VLLMClient
+    from prorl_jax.rollout.multihost import ProcessZeroEngine
+
+    def writer(params, path):
+        safetensors.numpy.save_file(params, os.path.join(path, "model.safetensors"))
+
+    def take_part(params):
+        with open(os.path.join(out_dir, f"took_part_{process_id}"), "w") as f:
+            f.write(str(sorted(params)))
+
+    engine = ProcessZeroEngine(
+        lambda: VLLMClient([url], os.path.join(out_dir, "weights"), timeout_s=10.0,
+                           health_timeout_s=10.0, weight_writer=writer),
+        take_part_in_write=take_part)
+    params = {"model.embed_tokens.weight": np.ones((2, 3), np.float32)}
+    engine.update_weights(params, 1)
+    batch = engine.generate([[1, 2, 3], [4, 5]], n=2, temperature=1.2, top_p=1.0,
+                            max_new_tokens=5, stop_token_ids=[0], seed=3)
+    with open(os.path.join(out_dir, f"batch_{process_id}.json"), "w") as f:
+        json.dump({"token_ids": batch.token_ids,
+                   "logprobs": [lp.tolist() for lp in batch.logprobs],
+                   "finish_reasons": batch.finish_reasons}, f)
+    engine.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
