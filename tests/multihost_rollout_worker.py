@@ -36,5 +36,28 @@ def main(coordinator: str, process_id: int, url: str, out_dir: str) -> None:
     engine.close()
 
 
+
+
+def sampler_main(coordinator: str, process_id: int, out_dir: str) -> None:
+    """Both processes sample with the embedded JaxSampler over one 2-process mesh."""
+    if coordinator != "single":
+        jax.distributed.initialize(coordinator, 2, process_id)
+    from prorl_jax.models import PRESETS, init_model
+    from prorl_jax.rollout.jax_sampler import JaxSampler
+    from prorl_jax.sharding import MeshConfig, make_mesh
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
+    sampler = JaxSampler(init_model(PRESETS["tiny"], 0), max_prompt_len=8, max_new_tokens=6,
+                         mesh=mesh)
+    batch = sampler.generate([[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]], n=2,
+                             temperature=1.2, top_p=1.0, max_new_tokens=6, stop_token_ids=[0],
+                             seed=11)
+    with open(os.path.join(out_dir, f"sampler_{process_id}.json"), "w") as f:
+        json.dump({"token_ids": batch.token_ids,
+                   "logprobs": [np.round(lp, 5).tolist() for lp in batch.logprobs]}, f)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    if sys.argv[1] == "sampler":
+        sampler_main(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    else:
+        main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])

@@ -38,3 +38,33 @@ def test_process_zero_engine_talks_once_and_broadcasts(tmp_path):
     assert len(completions) == 3, completions
     assert len(loads) == 1 and server.weight_version == 1
     assert (tmp_path / "took_part_1").exists() and not (tmp_path / "took_part_0").exists()
+
+
+def test_jax_sampler_over_two_processes_equals_one(tmp_path):
+    """The embedded sampler on a mesh spanning two processes returns, on each, the rollouts
+    of a one-process run (2 devices) with the same seed."""
+    coordinator = f"127.0.0.1:{free_port()}"
+    base = dict(os.environ, JAX_PLATFORMS="cpu",
+                PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+    script = os.path.join(HERE, "multihost_rollout_worker.py")
+    one = dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    procs = [subprocess.Popen([sys.executable, script, "sampler", coordinator, str(i),
+                               str(tmp_path)], env=one, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    single_dir = tmp_path / "single"
+    single_dir.mkdir()
+    two = dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    procs.append(subprocess.Popen([sys.executable, script, "sampler", "single", "0",
+                                   str(single_dir)], env=two, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    got = [json.load(open(tmp_path / f"sampler_{i}.json")) for i in range(2)]
+    want = json.load(open(single_dir / "sampler_0.json"))
+    assert got[0] == got[1] == want and len(want["token_ids"]) == 8

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from prorl_jax.models.qwen2 import KVCache
@@ -323,6 +324,8 @@ class JaxSampler(RolloutEngine):
             self._put_batch(np.arange(batch) >= num_prompts * n), jnp.asarray(stop_ids),
             jnp.asarray([temperature, top_p], jnp.float32),
             jnp.asarray(seed % 2**32, jnp.uint32), prompt_len=prompt_len)
+        if jax.process_count() > 1:  # rows live on several hosts: every host gets them all
+            out = multihost_utils.process_allgather(out, tiled=True)
         tokens, logps, lengths, stopped, steps = jax.device_get(out)
         self.last_decode_steps = int(steps)
         generate_s = time.perf_counter() - start
