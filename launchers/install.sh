@@ -8,4 +8,4 @@ if ! command -v bwrap >/dev/null 2>&1; then  # bubblewrap: the sandbox for gener
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq bubblewrap >/dev/null
 fi
 python -m pip install -q torch==2.13.0  # the CPU build (a plain `torch` would pull CUDA wheels)
-python -m pip install -q -e '.[test,plot]'
+python -m pip install -q -c launchers/constraints.txt -e '.[test,plot]'  # tested versions
