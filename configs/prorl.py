@@ -19,7 +19,8 @@ def paper_config() -> ml_collections.ConfigDict:
                                       # each), across all stages; the paper trained ~3k steps
     # Stages: ';'-separated; each `steps=N` plus comma-separated `dotted.field=value` overrides
     # applied from that stage on; every stage after the first starts with a reference reset.
-    # Empty: one stage of total_steps.
+    # Empty: one stage. total_steps decides the run's length: past the last budget the last
+    # stage goes on; a shorter run ends inside an earlier stage.
     c.stages = ("steps=2500;"
                 "steps=500,rollout.max_response_tokens=16384")
 

@@ -41,7 +41,6 @@ def test_unknown_preset():
     ("batch.mini_batch_prompts", 48, r"config.batch.mini_batch_prompts=48 must divide"),
     ("eval.k_values", "1,64", r"config.eval.k_values"),
     ("data.train_files", "a.jsonl@x", r"config.data.train_files: weight 'x'"),
-    ("stages", "steps=10", r"add up to 10"),
     ("stages", "steps=1500;steps=1500,loss.nope=1", r"stage 1: unknown field 'loss.nope'"),
     ("stages", "steps=3000,bad", r"stage 0: 'bad' is not"),
 ])
@@ -55,4 +54,13 @@ def test_bad_values_name_the_field(field, value, match):
 
 def test_stage_at():
     stages = [config_lib.Stage(3), config_lib.Stage(2)]
-    assert [config_lib.stage_at(stages, s) for s in range(6)] == [0, 0, 0, 1, 1, 1]
+    # Past the last budget the last stage goes on.
+    assert [config_lib.stage_at(stages, s) for s in range(7)] == [0, 0, 0, 1, 1, 1, 1]
+
+
+def test_total_steps_override_keeps_the_paper_stages_valid():
+    cfg = prorl.get_config()
+    cfg.total_steps = 100  # ends inside the first (8k) stage
+    config_lib.validate(cfg)
+    stages = config_lib.parse_stages(cfg)
+    assert config_lib.stage_at(stages, 99) == 0
