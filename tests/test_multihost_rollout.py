@@ -11,6 +11,19 @@ from vllm_double import VLLMDouble
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def wait_all(procs: list, timeout_s: float) -> list[str]:
+    """Waits for the subprocesses (killing any left at the end); asserts each exited 0."""
+    try:
+        logs = [p.communicate(timeout=timeout_s)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    return logs
+
+
 def test_process_zero_engine_talks_once_and_broadcasts(tmp_path):
     with VLLMDouble() as server:
         coordinator = f"127.0.0.1:{free_port()}"
@@ -21,14 +34,7 @@ def test_process_zero_engine_talks_once_and_broadcasts(tmp_path):
                                    coordinator, str(i), server.url, str(tmp_path)], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for i in range(2)]
-        try:
-            logs = [p.communicate(timeout=240)[0] for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-        for p, log in zip(procs, logs):
-            assert p.returncode == 0, log[-3000:]
+        wait_all(procs, 240)
         completions = server.paths("/v1/completions")
         loads = [r for r in server.requests if r["path"] == "/collective_rpc"
                  and "load" in json.dumps(r["body"])]
@@ -57,14 +63,7 @@ def test_jax_sampler_over_two_processes_equals_one(tmp_path):
     procs.append(subprocess.Popen([sys.executable, script, "sampler", "single", "0",
                                    str(single_dir)], env=two, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
-    try:
-        logs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    wait_all(procs, 300)
     got = [json.load(open(tmp_path / f"sampler_{i}.json")) for i in range(2)]
     want = json.load(open(single_dir / "sampler_0.json"))
     assert got[0] == got[1] == want and len(want["token_ids"]) == 8
