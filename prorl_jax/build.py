@@ -136,25 +136,47 @@ def build_engine(cfg, model: Qwen2ForCausalLM, mesh, *, pad_id: int, workdir: st
                       max_new_tokens=max_new_tokens, pad_id=pad_id, mesh=mesh)
 
 
+REASONING_TAGS = ("<think>", "</think>")
+
+
+def scoring_drop_ids(tokenizer) -> frozenset[int]:
+    """Token ids removed before scoring: every special token (EOS, end of turn, padding, any
+    added token marked special), except the reasoning tags, which the verifiers need (the answer
+    is what follows `</think>`) whether the tokenizer marks them special or not."""
+    vocab = tokenizer.get_vocab()
+    keep = {vocab[t] for t in REASONING_TAGS if t in vocab}
+    special = set(tokenizer.all_special_ids)
+    special.update(i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special)
+    return frozenset(special - keep)
+
+
 class RewardScorer:
-    """Decodes responses and scores them with `rewards.score_batch` in a worker pool it owns."""
+    """Decodes responses and scores them with `rewards.score_batch` in a worker pool it owns.
+
+    Decoding drops the special tokens but keeps <think>/</think> (`scoring_drop_ids`), so a
+    tokenizer whose reasoning tags are special tokens scores the same as one where they are
+    plain added tokens (DeepSeek-R1-Distill's layout)."""
 
     def __init__(self, cfg, tokenizer):
         import rewards
         self._rewards = rewards
         self.tokenizer = tokenizer
+        self._drop_ids = scoring_drop_ids(tokenizer)
         self.think_mode = cfg.reward.think_mode
         self.timeout_s = cfg.reward.timeout_s
         self.pool = rewards.RewardPool(cfg.reward.num_workers or None)
         self.failures = 0
 
+    def decode(self, response_ids: Sequence[Sequence[int]]) -> list[str]:
+        """[n] response texts as the verifiers see them."""
+        kept = [[int(t) for t in ids if int(t) not in self._drop_ids] for ids in response_ids]
+        return self.tokenizer.batch_decode(kept, skip_special_tokens=False)
+
     def __call__(self, records: Sequence[dict], response_ids: Sequence[Sequence[int]]
                  ) -> np.ndarray:
-        texts = self.tokenizer.batch_decode([list(r) for r in response_ids],
-                                            skip_special_tokens=True)
         scores, details = self._rewards.score_batch(
-            list(records), texts, think_mode=self.think_mode, timeout_s=self.timeout_s,
-            return_details=True, pool=self.pool)
+            list(records), self.decode(response_ids), think_mode=self.think_mode,
+            timeout_s=self.timeout_s, return_details=True, pool=self.pool)
         self.failures = details.num_crashed + details.num_timed_out
         return np.asarray(scores, np.float32)
 
