@@ -290,3 +290,22 @@ def test_all_reads_missing_sources_from_the_hub(tmp_path, monkeypatch):
     assert calls == [("nvidia/Llama-Nemotron-Post-Training-Dataset", "RL",
                       "instruction_following")]
     assert [r.written for r in reports] == [3]
+
+
+def test_paper_sizes_subsets_and_hub_overrides(tmp_path, monkeypatch):
+    from prorl_jax.prepare import pipeline
+    out = tmp_path / "math.jsonl"
+    report = pipeline.run_source(SOURCES["deepscaler"], os.path.join(FIXTURES, "deepscaler.json"),
+                                 str(out), max_records=2, seed=3)
+    again = pipeline.run_source(SOURCES["deepscaler"], os.path.join(FIXTURES, "deepscaler.json"),
+                                str(tmp_path / "again.jsonl"), max_records=2, seed=3)
+    recs = load_records(out)
+    assert report.written == 2 and report.skipped["beyond the paper's 2 (seeded subset)"] == 1
+    assert recs == load_records(tmp_path / "again.jsonl") and again.written == 2
+    calls = []
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
+        load_dataset=lambda name, config=None, split=None: calls.append((name, config, split))
+        or [{"Question": "q?", "Correct Answer": "a", "Incorrect Answer 1": "b"}]))
+    prep.main(["gpqa", "--input", "Idavidrein/gpqa", "--hf_config", "gpqa_main",
+               "--out", str(tmp_path / "gpqa.jsonl")])
+    assert calls == [("Idavidrein/gpqa", "gpqa_main", "train")]
