@@ -4,6 +4,18 @@
            (shortcuts: equal strings, or equal integers when both are plain integers)
     R = 0  otherwise (no `\\boxed{}` in the answer region, unparsable, not equivalent)
 
+Before comparing (`prepare_prediction`, `normalise_gold`):
+- a trailing period inside the box is dropped (`\\boxed{2/3.}` reads as `2/3`);
+- a box over MAX_BOXED_CHARS characters, or nested deeper than MAX_NESTING ({[( levels),
+  scores 0 without calling math-verify (no legitimate final answer is that large, and sympy's
+  time grows fast with nesting);
+- a hedged box scores 0: one whose words (inside `\\text{}` or bare) include a HEDGE_WORDS
+  word such as "or"/"maybe" (math-verify would otherwise read `\\text{4 or maybe 5}` as 4),
+  unless the gold itself uses that word;
+- a decimal-comma gold (`1,22`, `0,125`, `-3,5`: digits, one comma, then not exactly three
+  digits, or a leading 0) means the decimal number 1.22; a prediction in the same notation is
+  read the same way. (`1,000` stays one thousand, as math-verify reads it.)
+
 math-verify is called gold first (it is not symmetric). Its own timeouts use `signal.alarm`, which
 only works in a process's main thread: `score_batch` runs verifiers in the main thread of worker
 processes; when called from another thread the timeouts are switched off (the caller must then
@@ -21,6 +33,11 @@ from rewards.registry import register
 
 PARSE_TIMEOUT_S = 3  # math-verify's per-call limits (integer seconds, signal.alarm)
 VERIFY_TIMEOUT_S = 3
+MAX_BOXED_CHARS = 512  # longer boxed answers score 0 unseen by math-verify
+MAX_NESTING = 12  # deeper {[( nesting scores 0 (math-verify's parse hits its alarm past ~30)
+HEDGE_WORDS = ("or", "maybe", "perhaps", "possibly", "probably", "either", "unsure", "guess")
+_HEDGE_RE = re.compile(r"(?<![\\a-zA-Z])(" + "|".join(HEDGE_WORDS) + r")(?![a-zA-Z])", re.IGNORECASE)
+_DECIMAL_COMMA_RE = re.compile(r"[-+]?(?:0,\d+|\d+,(?:\d{1,2}|\d{4,}))")
 
 
 def accepted_answers(record: dict, field: str = "answer") -> list[str]:
@@ -112,13 +129,54 @@ def matches_gold(gold: str, boxed: str) -> bool:
     return result
 
 
+def nesting_depth(text: str) -> int:
+    """Deepest nesting of {, [ and ( brackets in `text` (closing brackets of any kind pop)."""
+    depth = deepest = 0
+    for ch in text:
+        if ch in "{[(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "}])" and depth:
+            depth -= 1
+    return deepest
+
+
+def is_decimal_comma(text: str) -> bool:
+    """True for `1,22`-style decimal numbers (see module docstring); False for `1,000`."""
+    return _DECIMAL_COMMA_RE.fullmatch(text) is not None
+
+
+def normalise_gold(gold: str) -> str:
+    """The gold as math-verify should read it: a decimal comma becomes a decimal point."""
+    return gold.replace(",", ".") if is_decimal_comma(gold) else gold
+
+
+def prepare_prediction(boxed: str, golds: list[str]) -> str | None:
+    """The boxed text to compare, or None when it must score 0 (see module docstring)."""
+    boxed = boxed.strip()
+    if boxed.endswith("."):
+        boxed = boxed[:-1].rstrip()
+    if not boxed or len(boxed) > MAX_BOXED_CHARS or nesting_depth(boxed) > MAX_NESTING:
+        return None
+    hedges = {w.lower() for w in _HEDGE_RE.findall(boxed)}
+    if hedges and not all(_HEDGE_RE.search(g) for g in golds):
+        return None
+    return boxed
+
+
 def math_reward(golds: list[str], answer: str) -> float:
     """1.0 if the last `\\boxed{}` of `answer` matches any gold (see `matches_gold`)."""
     boxed = last_boxed(answer)
-    if boxed is None or not boxed.strip():
+    if boxed is None:
         return 0.0
-    boxed = boxed.strip()
-    return 1.0 if any(matches_gold(g, boxed) for g in golds) else 0.0
+    pred = prepare_prediction(boxed, golds)
+    if pred is None:
+        return 0.0
+    for gold in golds:
+        guess = normalise_gold(pred) if is_decimal_comma(gold) else pred
+        if matches_gold(normalise_gold(gold), guess):
+            return 1.0
+    return 0.0
 
 
 @register("math", required_fields=("answer",), validate=_validate)
