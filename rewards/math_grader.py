@@ -34,9 +34,10 @@ from rewards.registry import register
 PARSE_TIMEOUT_S = 3  # math-verify's per-call limits (integer seconds, signal.alarm)
 VERIFY_TIMEOUT_S = 3
 MAX_BOXED_CHARS = 512  # longer boxed answers score 0 unseen by math-verify
-MAX_NESTING = 12  # deeper {[( nesting scores 0 (math-verify's parse hits its alarm past ~30)
+MAX_NESTING = 8  # deeper {[( nesting scores 0 (latex2sympy parses nested brackets slowly)
 HEDGE_WORDS = ("or", "maybe", "perhaps", "possibly", "probably", "either", "unsure", "guess")
-_HEDGE_RE = re.compile(r"(?<![\\a-zA-Z])(" + "|".join(HEDGE_WORDS) + r")(?![a-zA-Z])", re.IGNORECASE)
+_HEDGE_RE = re.compile(r"(?<![\\a-zA-Z])(" + "|".join(HEDGE_WORDS) + r")(?![a-zA-Z])",
+                       re.IGNORECASE)
 _DECIMAL_COMMA_RE = re.compile(r"[-+]?(?:0,\d+|\d+,(?:\d{1,2}|\d{4,}))")
 
 

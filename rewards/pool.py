@@ -137,7 +137,8 @@ class RewardPool:
         self._ctx = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
             # nltk (IFEval's tokenizers) takes ~1.5 s to import: once here, not per worker
-            self._ctx.set_forkserver_preload(["rewards", "math_verify", "nltk.tokenize.destructive"])
+            self._ctx.set_forkserver_preload(["rewards", "math_verify",
+                                              "nltk.tokenize.destructive"])
         self._workers: list[_Worker] = []
         self._closed = False
 

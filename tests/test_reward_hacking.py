@@ -284,7 +284,7 @@ def test_every_task_is_scored_strictly_or_excluded():
     ("1,22", "1.22", 1.0), ("1,22", "1,22", 1.0), ("1,000", "1000", 1.0), ("1.22", "1,22", 0.0),
     ("2/3", "2/3.", 1.0), ("4", r"\text{the answer is 4 or maybe 5}", 0.0),
     ("4", r"4 \text{ (maybe 5)}", 0.0), ("5", r"5\text{ square units}", 1.0),
-    ("3", "(" * 20 + "3" + ")" * 20, 0.0),  # nesting over MAX_NESTING: 0 without math-verify
+    ("3", "(" * 9 + "3" + ")" * 9, 0.0), ("3", "(" * 3 + "3" + ")" * 3, 1.0),  # MAX_NESTING = 8
 ])
 def test_math_minor_cases(gold, boxed, reward):
     assert rewards.score({"domain": "math", "answer": gold},
