@@ -3,7 +3,7 @@
 (goal: every item under 1 s in one process; in the pool no item held past its time limit).
 
     python bench/rewards.py [--num-math 4096] [--num-code 256] [--workers 2]
-                            [--worst-chars 200000]
+                            [--worst-chars 200000] [--worst-domains math,stem,code,logic,ifeval]
 
 Math: 256 prompts x 16 responses (as in a GRPO batch), golds in several forms (integers,
 fractions, radicals, percentages, intervals) and responses that are right in an equivalent form,
@@ -194,11 +194,11 @@ def adversarial_items(n: int) -> dict[str, list[tuple[str, dict, str]]]:
     }
 
 
-def worst_case(n_chars: int, workers: int) -> dict:
+def worst_case(n_chars: int, workers: int, domains: list[str] | None = None) -> dict:
     """Per domain: the slowest adversarial item scored in this process (rewards.score), and the
     same items through a pool (score_batch): its wall time and any timeouts."""
     report = {}
-    items = adversarial_items(n_chars)
+    items = {d: a for d, a in adversarial_items(n_chars).items() if not domains or d in domains}
     for domain, attacks in items.items():  # imports (nltk, langdetect profiles) outside timing
         rewards.score(attacks[0][1], "</think>Say hi. The CAT sat.")
     for domain, attacks in items.items():
@@ -229,6 +229,8 @@ def main() -> None:
     parser.add_argument("--num-code", type=int, default=256)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--worst-chars", type=int, default=200_000)
+    parser.add_argument("--worst-domains", default="math,stem,code,logic,ifeval",
+                        help="comma-separated domains of the worst-case phase")
     args = parser.parse_args()
     rng = random.Random(0)
     report = {"cpus": os.cpu_count(), "workers": args.workers}
@@ -260,7 +262,8 @@ def main() -> None:
     print(f"code CPU (lower bound): {profile['cpu_ms_per_response']} ms per response (host + "
           f"sandbox) -> about {code['idle_wall_s_estimate']} s for {args.num_code} responses on "
           f"an idle machine", flush=True)
-    report["worst_case"] = worst_case(args.worst_chars, args.workers)
+    report["worst_case"] = worst_case(args.worst_chars, args.workers,
+                                      args.worst_domains.split(","))
     for domain, row in report["worst_case"].items():
         print(f"worst case {domain}: {row}", flush=True)
     print(json.dumps(report, indent=1))
