@@ -95,3 +95,15 @@ def test_stem_rewards(gold, response, reward):
 ])
 def test_math_verify_style_cases(gold, boxed, reward):
     assert _math(gold, rf"<think>w</think>so $\boxed{{{boxed}}}$") == reward
+
+
+# DeepScaleR's rule (cases modelled on the tests of its public ports): answer after </think>,
+# in a box; a boxed gold is read as its content.
+@pytest.mark.parametrize("response,gold,reward", [
+    (r"Let me analyze...</think>The answer is \boxed{42}", "42", 1.0),
+    (r"Thinking...</think>The answer is \boxed{wrong}", "42", 0.0),
+    (r"The answer is \boxed{42}", "42", 0.0), (r"</think>The answer is 42", "42", 0.0),
+    (r"</think>\boxed{42}", r"\boxed{42}", 1.0), (r"</think>\boxed{123}", "42", 0.0),
+])
+def test_deepscaler_rule_cases(response, gold, reward):
+    assert _math(gold, response) == reward
