@@ -32,8 +32,6 @@ import shutil
 import signal
 import subprocess
 
-from rewards import uid_slots
-
 RUNNER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_runner.py")
 SANDBOX_RUNNER = "/sandbox/runner.py"
 BWRAP_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # nothing of the caller's environment
@@ -161,8 +159,12 @@ def run_tests(program: str, inputs: list, *, fn_name: str | None = None,
     """
     privileged = os.geteuid() == 0
     cmd = bwrap_command(limits, privileged)
-    slot = (uid_slots.acquire(limits.uid_base, limits.uid_slots, wait_s=STARTUP_BUDGET_S)
-            if privileged else contextlib.nullcontext(limits.uid))
+    if privileged:  # imported here: this module also runs standalone (tests, without rewards/)
+        from rewards import uid_slots
+
+        slot = uid_slots.acquire(limits.uid_base, limits.uid_slots, wait_s=STARTUP_BUDGET_S)
+    else:
+        slot = contextlib.nullcontext(limits.uid)
     with slot as uid:
         job = _job(program, inputs, fn_name, limits, privileged, uid)
         raw = _run_bwrap(cmd, job, STARTUP_BUDGET_S + response_budget_s(len(inputs), limits))
