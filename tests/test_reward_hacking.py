@@ -270,12 +270,22 @@ def test_answers_are_never_evaluated_as_python(logic_records, tmp_path):
 
 
 def test_every_task_is_scored_strictly_or_excluded():
+    """All 100+ reasoning-gym tasks: a known strict mode, and nothing for non-answers (the
+    question restated, empty, JSON, a shrug)."""
+    import reasoning_gym
     import reasoning_gym.factory
 
+    paid = []
     for task in sorted(reasoning_gym.factory.DATASETS):
         if task in logic_grader.EXCLUDED_TASKS:
             continue
         assert logic_grader.scoring_mode(task) in ("exact", "full_credit", "own"), task
+        entry = json.loads(json.dumps(reasoning_gym.create_dataset(task, size=1, seed=0)[0],
+                                      default=str))
+        for junk in ("", "[]", "{}", "None", "I don't know", entry["question"]):
+            if logic_grader.logic_reward(task, entry, _ans(junk)) != 0.0:
+                paid.append((task, junk[:40]))
+    assert paid == []
 
 
 # ---- math, minor ---------------------------------------------------------------------------
