@@ -357,7 +357,8 @@ def test_escape_resource_bombs_are_contained():
     assert _one(bomb)["status"] in ("timeout", "error")
     assert _one("x = bytearray(10 ** 10)\nprint('big')")["status"] == "error"
     assert _one("while True:\n    print('x' * 10000)")["status"] == "output_limit"
-    assert _one("open('f', 'w').write('x' * (64 << 20))\nprint('done')")["status"] == "error"
+    disk = _one("open('f', 'w').write('x' * (20 << 20))\nprint('done')")  # > FSIZE and /tmp
+    assert disk["status"] in ("error", "timeout") and "done" not in disk["out"]
     fds = _one("import os\nn = 0\ntry:\n    while True:\n        os.open('/dev/null', 0)\n"
                "        n += 1\nexcept OSError:\n    print(n)")
     assert int(fds["out"]) < TIGHT.max_open_files
