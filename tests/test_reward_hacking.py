@@ -301,6 +301,21 @@ def test_math_minor_cases(gold, boxed, reward):
                          f"</think>$\\boxed{{{boxed}}}$") == reward
 
 
+def test_astronomic_literals_never_reach_math_verify(monkeypatch):
+    from rewards import math_grader
+
+    calls = []  # (an exception would be caught by the scorer's guard: record the calls)
+    monkeypatch.setattr(math_grader, "equivalent", lambda gold, pred: calls.append(pred))
+    for boxed in ("9^{9^{9^{9}}}", "10^{10^{10}}", "9^{999999999}", "1000000!",
+                  "\\binom{100000}{50000}", "3 + 2^{2^{100}}"):
+        assert rewards.score({"domain": "math", "answer": "5"}, f"</think>\\boxed{{{boxed}}}") == 0
+    assert rewards.score({"domain": "math", "answer": "2^{2^{100}}"},
+                         "</think>\\boxed{2^{2^{100}}}") == 1.0  # literally the gold
+    assert calls == []
+    monkeypatch.undo()
+    assert rewards.score({"domain": "math", "answer": "256"}, "</think>\\boxed{2^{2^{3}}}") == 1.0
+
+
 # ---- sandbox escape classes (each must stay stopped) ---------------------------------------
 
 def _one(program, stdin=""):
