@@ -67,7 +67,7 @@ def strip_think(response: str) -> str:
     return text[cut + len(THINK_CLOSE):] if cut >= 0 else text
 
 
-def _closing_braces(text: str) -> dict[int, int]:
+def closing_braces(text: str) -> dict[int, int]:
     """{index of "{": index of its matching "}"} for every balanced pair (one pass, a stack)."""
     match, stack = {}, []
     for m in _BRACE_RE.finditer(text):
@@ -89,7 +89,7 @@ def last_boxed(text: str) -> str | None:
     starts = [m.end() for m in _BOX_RE.finditer(text)]
     if not starts:
         return None
-    closing = _closing_braces(text)
+    closing = closing_braces(text)
     for i in reversed(starts):
         spaced = i < len(text) and text[i] == " "
         while i < len(text) and text[i] == " ":

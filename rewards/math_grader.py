@@ -30,7 +30,7 @@ import re
 import threading
 import time
 
-from rewards.extract import _closing_braces, last_boxed
+from rewards.extract import closing_braces, last_boxed
 from rewards.registry import register
 
 PARSE_TIMEOUT_S = 3  # math-verify's per-call limits (integer seconds, signal.alarm)
@@ -168,7 +168,7 @@ def _log10_literal(expr: str) -> float | None:
 def literal_too_large(text: str) -> bool:
     """True when `text` holds an integer power, factorial or binomial of literals with over
     MAX_LITERAL_DIGITS digits (one pass over its "^", "!" and binomials)."""
-    closing = _closing_braces(text)
+    closing = closing_braces(text)
     for m in _POWER_BASE_RE.finditer(text):
         i = m.end()
         if i < len(text) and text[i] == "{" and i in closing:
