@@ -133,26 +133,6 @@ def relative_close(rel_tol: float) -> Callable[[str, dict], float]:
     return strict
 
 
-# task -> (scorer(answer, entry) or None for "reasoning-gym's own scorer behind a format gate",
-#          reason). Checked with reasoning-gym 0.1.25.
-OWN_SCORERS: dict[str, tuple[Callable[[str, dict], float] | str, str]] = {
-    "gsm_symbolic": (number_match, "reasoning-gym takes the first number anywhere in the answer: "
-                                   "'maybe 12 or 13' earns full credit when 12 is right"),
-    "letter_jumble": (case_insensitive_match, "its word-by-word partial credit reaches 1.0 for "
-                                              "the oracle padded with more words"),
-    "knights_knaves": (knights_knaves_match, "full credit for an answer that also names wrong "
-                                             "roles ('maybe ... or ...')"),
-    "sokoban": ("moves_only", "full credit for a hedged answer: extra text around the moves"),
-    "fraction_simplification": ("single_fraction", "it reads the first fraction of the answer: "
-                                                   "the oracle padded with guesses earns 1.0"),
-    "coin_flip": (relative_close(1e-3), "its absolute tolerance of 1e-4 on a probability gives "
-                                        "'0' full credit on most entries (small probabilities)"),
-    "arc_agi": (grid_match, "its scorer compares with tuples that do not survive JSON (the "
-                            "oracle itself scores 0.05 after a round trip)"),
-    "rearc": (grid_match, "as arc_agi"),
-}
-
-
 def full_credit(scorer: Callable[[str, dict], float]) -> Callable[[str, dict], float]:
     """R = 1 iff `scorer` (reasoning-gym's) gives full credit (1.0)."""
     def strict(answer: str, entry: dict) -> float:
@@ -160,16 +140,35 @@ def full_credit(scorer: Callable[[str, dict], float]) -> Callable[[str, dict], f
     return strict
 
 
-def strict_scorer(task: str, rg_scorer: Callable[[str, dict], float],
-                  has_default_scorer: bool) -> tuple[str, Callable[[str, dict], float]]:
+Scorer = Callable[[str, dict], float]
+_own = lambda scorer: (lambda rg_scorer: scorer)  # noqa: E731  (ignores reasoning-gym's scorer)
+
+# task -> (make(reasoning-gym's scorer) -> the strict scorer, reason). reasoning-gym 0.1.25.
+OWN_SCORERS: dict[str, tuple[Callable[[Scorer], Scorer], str]] = {
+    "gsm_symbolic": (_own(number_match), "reasoning-gym takes the first number anywhere in the "
+                                         "answer: 'maybe 12 or 13' earns full credit when 12 is "
+                                         "right"),
+    "letter_jumble": (_own(case_insensitive_match), "its word-by-word partial credit reaches 1.0 "
+                                                    "for the oracle padded with more words"),
+    "knights_knaves": (_own(knights_knaves_match), "full credit for an answer that also names "
+                                                   "wrong roles ('maybe ... or ...')"),
+    "sokoban": (moves_only, "full credit for a hedged answer: extra text around the moves"),
+    "fraction_simplification": (lambda rg: gated(single_fraction, full_credit(rg)),
+                                "it reads the first fraction of the answer: the oracle padded "
+                                "with guesses earns 1.0"),
+    "coin_flip": (_own(relative_close(1e-3)), "its absolute tolerance of 1e-4 on a probability "
+                                              "gives '0' full credit on most entries (small "
+                                              "probabilities)"),
+    "arc_agi": (_own(grid_match), "its scorer compares with tuples that do not survive JSON (the "
+                                  "oracle itself scores 0.05 after a round trip)"),
+    "rearc": (_own(grid_match), "as arc_agi"),
+}
+
+
+def strict_scorer(task: str, rg_scorer: Scorer, has_default_scorer: bool) -> tuple[str, Scorer]:
     """(mode, scorer) for `task` (see module docstring)."""
     if task in OWN_SCORERS:
-        own = OWN_SCORERS[task][0]
-        if own == "moves_only":
-            own = moves_only(rg_scorer)
-        elif own == "single_fraction":
-            own = gated(single_fraction, full_credit(rg_scorer))
-        return "own", own
+        return "own", OWN_SCORERS[task][0](rg_scorer)
     if has_default_scorer:
         return "exact", exact_match
     scorer = full_credit(rg_scorer)
