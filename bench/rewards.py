@@ -1,15 +1,18 @@
 """Reward throughput: 4,096 math responses and 256 code responses x 10 tests (targets: < 15 s and
-< 30 s on 2 cores).
+< 30 s on 2 cores), and the worst-case time of one adversarial 200 KB response per domain
+(goal: every item under 1 s in one process; in the pool no item held past its time limit).
 
     python bench/rewards.py [--num-math 4096] [--num-code 256] [--workers 2]
+                            [--worst-chars 200000] [--worst-domains math,stem,code,logic,ifeval]
 
 Math: 256 prompts x 16 responses (as in a GRPO batch), golds in several forms (integers,
 fractions, radicals, percentages, intervals) and responses that are right in an equivalent form,
 wrong, boxless or unanswered. Code: stdin/stdout problems with 10 tests each; programs that are
-right, wrong, or crash. Each phase is timed twice on the same pool: the first call (a different draw) includes
-starting the workers, the second is the steady state a trainer sees. Besides wall time it reports the CPU
-seconds the workers and their sandboxes used (from /proc), since wall time on a shared machine
-depends on the load: cpu_s / workers is the wall time an otherwise idle machine would need.
+right, wrong, or crash. Each phase is timed twice on the same pool: the first call (a different
+draw) includes starting the workers, the second is the steady state a trainer sees. Besides wall
+time it reports the CPU seconds the workers and their sandboxes used (from /proc), since wall
+time on a shared machine depends on the load: cpu_s / workers is the wall time an otherwise idle
+machine would need.
 (Sandboxed processes are not charged to the workers, so code CPU is profiled separately.)
 """
 from __future__ import annotations
@@ -138,11 +141,96 @@ def code_cpu_per_response(records: list, responses: list, k: int = 64) -> dict:
             "sequential_wall_ms_per_response": round(1e3 * wall_s / k, 1)}
 
 
+def adversarial_items(n: int) -> dict[str, list[tuple[str, dict, str]]]:
+    """{domain: [(attack name, record, response of about n characters)]}: the attacks of
+    issue 12 (unclosed tags and boxes, whitespace runs, bracket spam) and answers just under
+    each cap, which make the checkers do their most work."""
+    from rewards import ifeval_checks as ic
+    from rewards.ifeval_grader import MAX_ANSWER_CHARS
+
+    think = "<think>" + "step " * (n // 5) + "</think>"
+    logic = {r["task"]: r for r in rewards.logic_records(("sudoku", "countdown", "word_ladder"),
+                                                         size=1, seed=0)}
+    values = {"keywords": ["cat"], "keyword": "cat", "frequency": 2, "relation": "at least",
+              "forbidden_words": ["dog"], "letter": "a", "let_frequency": 3, "let_relation":
+              "less than", "language": "en", "num_sentences": 3, "num_paragraphs": 2,
+              "num_words": 50, "nth_paragraph": 1, "first_word": "the", "num_placeholders": 2,
+              "postscript_marker": "P.S.", "num_bullets": 2, "num_highlights": 2,
+              "section_spliter": "SECTION", "num_sections": 2, "prompt_to_repeat": "Say hi.",
+              "end_phrase": "Bye.", "capital_frequency": 3, "capital_relation": "at least"}
+    ids = sorted(ic.INSTRUCTION_KWARGS)
+    ifeval = {"domain": "ifeval", "instruction_id_list": ids,
+              "kwargs": [{k: values[k] for k in ic.INSTRUCTION_KWARGS[i]} for i in ids]}
+    under = MAX_ANSWER_CHARS - 16
+    code_tests = {"inputs": ["1 2\n"] * 10, "outputs": ["3\n"] * 10}
+    fill = lambda unit, size=n: (unit * (size // len(unit) + 1))[:size]
+    math, stem, code = ({"domain": "math", "answer": "5"}, {"domain": "stem", "answer": "2.5"},
+                        {"domain": "code", "tests": code_tests})
+    program = fill("# pad\n", 60_000) + "print(sum(map(int, input().split())))\n"
+    tagged = lambda body: "</think><answer>" + body + "</answer>"
+    return {
+        "math": [("unclosed boxes", math, "</think>" + fill("\\boxed{")),
+                 ("unclosed think", math, fill("<think>") + "</think>x"),
+                 ("boxes, last right", math, "</think>" + fill("\\boxed{4} ") + "\\boxed{5}"),
+                 ("long reasoning, power tower", math, think + "\\boxed{9^{9^{9^{9}}}}"),
+                 ("nested 8 deep", math, think + "\\boxed{" + "(" * 8 + "5" + ")" * 8 + "}")],
+        "stem": [("answer lines", stem, "</think>" + fill("answer: 2.4\n")),
+                 ("unclosed boxes", stem, "</think>" + fill("\\boxed{"))],
+        "code": [("unclosed fences", code, "</think>" + fill("```python\n")),
+                 ("program just under the scan cap", code, "<think>" + fill("step ", n - 60_000)
+                  + "</think>```python\n" + program + "```")],
+        "logic": [("unclosed answers", logic["sudoku"], "</think>" + fill("<answer>")),
+                  ("answers, last long", logic["word_ladder"], "</think>"
+                   + fill("<answer>x</answer>", n // 2) + tagged(fill("A,", 16000))),
+                  ("long expression", logic["countdown"], tagged(fill("1+", 500) + "1")),
+                  ("sudoku under cap", logic["sudoku"], tagged(fill("1 2 3\n", 16000)))],
+        "ifeval": [("title brackets", ifeval, "</think>" + fill("<<")),
+                   ("whitespace runs", ifeval, "</think>x" + fill(" \n")),
+                   ("placeholders", ifeval, "</think>" + fill("[")),
+                   ("sentences under cap", ifeval, "</think>" + fill("a. ", under)),
+                   ("abbreviations under cap", ifeval, "</think>" + fill("Dr. DON'T ", under)),
+                   ("prose under cap", ifeval,
+                    "</think>" + fill("The CAT sat on the mat. ", under))],
+    }
+
+
+def worst_case(n_chars: int, workers: int, domains: list[str] | None = None) -> dict:
+    """Per domain: the slowest adversarial item scored in this process (rewards.score), and the
+    same items through a pool (score_batch): its wall time and any timeouts."""
+    report = {}
+    items = {d: a for d, a in adversarial_items(n_chars).items() if not domains or d in domains}
+    for domain, attacks in items.items():  # imports (nltk, langdetect profiles) outside timing
+        rewards.score(attacks[0][1], "</think>Say hi. The CAT sat.")
+    for domain, attacks in items.items():
+        times = []
+        for name, record, response in attacks:
+            t0, c0 = time.perf_counter(), time.process_time()
+            rewards.score(record, response)
+            times.append((time.perf_counter() - t0, time.process_time() - c0, name))
+        slowest = max(times)
+        report[domain] = {"worst_s": round(slowest[0], 3), "worst_cpu_s": round(slowest[1], 3),
+                          "worst_attack": slowest[2], "items": len(attacks), "chars": n_chars,
+                          "load_avg_1min": round(os.getloadavg()[0], 2)}
+    flat = [(r, x) for attacks in items.values() for _, r, x in attacks]
+    with rewards.RewardPool(workers) as pool:
+        pool.score_batch(*map(list, zip(*flat[:1])))
+        t0 = time.perf_counter()
+        _, details = pool.score_batch([r for r, _ in flat], [x for _, x in flat],
+                                      return_details=True)
+        report["pool"] = {"items": len(flat), "wall_s": round(time.perf_counter() - t0, 2),
+                          "num_timed_out": details.num_timed_out,
+                          "num_crashed": details.num_crashed}
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-math", type=int, default=4096)
     parser.add_argument("--num-code", type=int, default=256)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--worst-chars", type=int, default=200_000)
+    parser.add_argument("--worst-domains", default="math,stem,code,logic,ifeval",
+                        help="comma-separated domains of the worst-case phase")
     args = parser.parse_args()
     rng = random.Random(0)
     report = {"cpus": os.cpu_count(), "workers": args.workers}
@@ -174,6 +262,10 @@ def main() -> None:
     print(f"code CPU (lower bound): {profile['cpu_ms_per_response']} ms per response (host + "
           f"sandbox) -> about {code['idle_wall_s_estimate']} s for {args.num_code} responses on "
           f"an idle machine", flush=True)
+    report["worst_case"] = worst_case(args.worst_chars, args.workers,
+                                      args.worst_domains.split(","))
+    for domain, row in report["worst_case"].items():
+        print(f"worst case {domain}: {row}", flush=True)
     print(json.dumps(report, indent=1))
 
 

@@ -8,10 +8,14 @@ count as failed, so a program that hangs on every test costs ~that budget, not k
 Record: `tests = {"inputs": [...], "outputs": [...], "fn_name"?: str}`.
 - stdin/stdout tests (no fn_name): inputs[i] is stdin text, outputs[i] the expected stdout;
   outputs match when, line by line with trailing whitespace and trailing blank lines removed, they
-  are equal, or when their whitespace-separated tokens are equal (numbers within
-  FLOAT_TOL relative/absolute).
+  are equal, or when their whitespace-separated tokens are pairwise equal (`tokens_equal`):
+  identical strings; an integer expected token (`-?\d+`) only by an integer token of the same
+  value (exact, however large); a float expected token (with a `.` or an exponent) by any number
+  within FLOAT_TOL relative or absolute (`math.isclose`) - the only place a tolerance applies.
 - call-based tests: inputs[i] is the JSON list of positional arguments, outputs[i] the JSON
-  result (tuples compare as lists; a one-element list [x] also accepts x, as in APPS/TACO).
+  result (tuples compare as lists; a one-element list [x] also accepts x, as in APPS/TACO);
+  an expected int is matched exactly (an int, or a float of exactly that value), an expected
+  float within FLOAT_TOL, a bool only by the same bool.
 Optional record fields: `max_tests` (int >= 1), `per_test_timeout_s` (float > 0).
 Every program runs in the bubblewrap sandbox (`rewards.sandbox`); no response text runs outside.
 """
@@ -20,13 +24,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 
 from rewards.extract import last_code_block
 from rewards.registry import register
 from rewards.sandbox import (STARTUP_BUDGET_S, SandboxLimits, find_bwrap, response_budget_s,
                              run_tests)
 
-FLOAT_TOL = 1e-6
+FLOAT_TOL = 1e-6  # relative and absolute tolerance, for expected FLOAT tokens/values only
 DEFAULT_LIMITS = SandboxLimits()
 
 
@@ -77,14 +82,24 @@ def code_time_limit_s(record: dict) -> float:
     return 2 * STARTUP_BUDGET_S + response_budget_s(_num_tests(record), _limits(record))
 
 
-def _token_equal(a: str, b: str) -> bool:
-    if a == b:
+_INT_TOKEN_RE = re.compile(r"[-+]?\d+")
+_FLOAT_TOKEN_RE = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
+
+
+def tokens_equal(got: str, expected: str) -> bool:
+    """One whitespace-separated output token against the expected one (see module docstring).
+
+    Integers are exact: `100000000000000001` never matches `100000000000000000`, and `5.0` does
+    not match `5`. Only an expected float token gets the FLOAT_TOL tolerance (no `nan`, `inf`
+    or Python-only spellings such as `1_000`).
+    """
+    if got == expected:
         return True
-    try:
-        x, y = float(a), float(b)
-    except ValueError:
-        return False
-    return math.isclose(x, y, rel_tol=FLOAT_TOL, abs_tol=FLOAT_TOL)
+    if _INT_TOKEN_RE.fullmatch(expected):
+        return _INT_TOKEN_RE.fullmatch(got) is not None and int(got) == int(expected)
+    if _FLOAT_TOKEN_RE.fullmatch(expected) and _FLOAT_TOKEN_RE.fullmatch(got):
+        return math.isclose(float(got), float(expected), rel_tol=FLOAT_TOL, abs_tol=FLOAT_TOL)
+    return False
 
 
 def stdout_matches(got: str, expected: str) -> bool:
@@ -93,13 +108,16 @@ def stdout_matches(got: str, expected: str) -> bool:
     if norm(got) == norm(expected):
         return True
     got_t, exp_t = got.split(), expected.split()
-    return len(got_t) == len(exp_t) and all(_token_equal(a, b) for a, b in zip(got_t, exp_t))
+    return len(got_t) == len(exp_t) and all(tokens_equal(a, b) for a, b in zip(got_t, exp_t))
 
 
 def _json_equal(a, b) -> bool:
+    """`a` (the program's JSON result) against `b` (the expected value)."""
     if isinstance(a, bool) or isinstance(b, bool):
         return a is b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+    if isinstance(b, int) and isinstance(a, (int, float)):
+        return a == b  # exact (Python compares int and float exactly)
+    if isinstance(a, (int, float)) and isinstance(b, float):
         return math.isclose(a, b, rel_tol=FLOAT_TOL, abs_tol=FLOAT_TOL)
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b))

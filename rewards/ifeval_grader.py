@@ -2,16 +2,26 @@
 
     R = (1/m) * sum_j check_j(answer, **kwargs_j),  m = len(instruction_id_list)
 
-Record: `instruction_id_list` ([m] IFEval ids, see `rewards.ifeval_checks.CHECKS`) and `kwargs`
-([m] dicts; keys whose value is None are dropped, as in the published IFEval data). An unknown
-id is a record error; a check that raises counts as not followed. The answer region is the text
-after the reasoning (`</think>`), with any leftover `<think>...</think>` span removed.
+Record: `instruction_id_list` ([m] IFEval ids, see `rewards.ifeval_checks.INSTRUCTION_KWARGS`)
+and `kwargs` ([m] dicts; keys whose value is None are dropped, as in the published IFEval data).
+An unknown id, an argument name the instruction does not take, or a missing argument is a record
+error; a check that raises counts as not followed. The answer region is the text after the
+reasoning (`</think>`), with any leftover `<think>...</think>` span removed. As in the official
+strict evaluation, an empty (or whitespace-only) answer follows no instruction, so R = 0; an
+answer longer than MAX_ANSWER_CHARS also follows none (R = 0, so no check ever reads more).
 """
 from __future__ import annotations
 
 from rewards.extract import strip_think
-from rewards.ifeval_checks import CHECKS
+from rewards.ifeval_checks import CHECKS, INSTRUCTION_KWARGS
 from rewards.registry import register
+
+MAX_ANSWER_CHARS = 16 * 1024  # ~2,500 words (IFEval asks for 1,200 at most); Punkt reads
+# adversarial text at ~35 us/char, so this keeps an item well under 1 s
+
+
+def _args(kw: dict | None) -> dict:
+    return {k: v for k, v in (kw or {}).items() if v is not None}
 
 
 def validate_ifeval_record(record: dict) -> None:
@@ -28,16 +38,23 @@ def validate_ifeval_record(record: dict) -> None:
             raise ValueError(f"field 'instruction_id_list[{j}]': unknown instruction id {iid!r}")
         if kw is not None and not isinstance(kw, dict):
             raise ValueError(f"field 'kwargs[{j}]': expected a dict, got {type(kw).__name__}")
+        given, wanted = set(_args(kw)), set(INSTRUCTION_KWARGS[iid])
+        if given != wanted:
+            raise ValueError(
+                f"field 'kwargs[{j}]' ({iid}): expected arguments {sorted(wanted)}, got "
+                f"{sorted(given)}")
 
 
 def instructions_followed(answer: str, ids: list[str], kwargs: list[dict | None]) -> list[bool]:
-    """[m] per-instruction results; an unknown id or a raising check gives False."""
+    """[m] per-instruction results; an unknown id or a raising check gives False, and so does
+    every instruction for an empty/whitespace answer or one over MAX_ANSWER_CHARS."""
+    if not answer.strip() or len(answer) > MAX_ANSWER_CHARS:
+        return [False] * len(ids)
     results = []
     for iid, kw in zip(ids, kwargs):
         check = CHECKS.get(iid)
-        args = {k: v for k, v in (kw or {}).items() if v is not None}
         try:
-            results.append(bool(check(answer, **args)) if check else False)
+            results.append(bool(check(answer, **_args(kw))) if check else False)
         except Exception:
             results.append(False)
     return results

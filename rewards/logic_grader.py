@@ -1,13 +1,16 @@
-"""Logic-puzzle domain (continuous): reasoning-gym's scorer on the extracted `<answer>`.
+"""Logic-puzzle domain: the strict score of the extracted `<answer>` (binary, see logic_strict).
 
-    R = score_answer_task(last_tagged(answer, "answer"), entry)   in [0, 1]
-    R = 0 when there is no `<answer>...</answer>` or the scorer raises.
+    R = strict_score_task(last_tagged(answer, "answer"), entry)   in {0, 1}
+    R = 0 when there is no `<answer>...</answer>`, it is longer than MAX_ANSWER_CHARS, or the
+        scorer raises.
 
 Record: `task` (a reasoning-gym dataset name) and `entry` ({question, answer, metadata}, as
-generated; it may have been through JSON). Tasks in EXCLUDED_TASKS are refused (their scorers are
-known to be broken). Tasks that keep reasoning-gym's default scorer (exact match, else
-len(oracle)/len(answer) when the oracle is a substring - which rewards padding the answer with
-guesses) are scored by exact match of the stripped strings instead (STRICT_DEFAULT_SCORER).
+generated; it may have been through JSON). Tasks in EXCLUDED_TASKS (task -> reason) are refused:
+no strict scorer exists for them. Every other task is scored by `rewards.logic_strict`: exact
+match for tasks with reasoning-gym's default scorer, reasoning-gym's full credit only (no partial
+credit) for tasks with their own verifier, and the project's own scorer where that full credit is
+gameable (OWN_SCORERS). `scoring_mode(task)` tells which; reasoning-gym's partial credit is never
+paid (it rewards non-answers).
 
 `logic_records(tasks, size, seed)` generates seeded problem sets as records (no download).
 """
@@ -17,12 +20,20 @@ import functools
 import json
 from typing import Callable
 
+from rewards import logic_strict
 from rewards.extract import last_tagged
 from rewards.registry import register
 
-# game_of_life_halting: scores any non-empty string 1.0 (checked with reasoning-gym 0.1.25).
-EXCLUDED_TASKS = frozenset({"game_of_life_halting"})
-STRICT_DEFAULT_SCORER = True
+# task -> why it is not scored (checked with reasoning-gym 0.1.25). The single place that says
+# which tasks are excluded: data converters read it to leave them out of training sets.
+EXCLUDED_TASKS: dict[str, str] = {
+    "game_of_life_halting": "its scorer gives 1.0 to any non-empty string",
+    "propositional_logic": "any valid consequence of the premises earns full credit: restating "
+                           "(or weakening) a premise scores 1.0 on most entries",
+    "composite": "a mixture of other tasks, not a task (its entries name their own task)",
+}
+STRICT_DEFAULT_SCORER = True  # kept for compatibility: default-scorer tasks use exact match
+MAX_ANSWER_CHARS = 16 * 1024  # longer <answer> contents score 0 (no scorer reads them)
 PAPER_TASKS = ("graph_color", "sudoku", "boxnet", "family_relationships")  # named in ProRL
 
 
@@ -38,33 +49,36 @@ def validate_logic_record(record: dict) -> None:
     if not isinstance(task, str) or task not in _known_tasks():
         raise ValueError(f"field 'task': {task!r} is not a reasoning-gym task")
     if task in EXCLUDED_TASKS:
-        raise ValueError(f"field 'task': {task!r} is excluded (its scorer is known to be broken)")
+        raise ValueError(f"field 'task': {task!r} is excluded: {EXCLUDED_TASKS[task]}")
     entry = record["entry"]
     if not isinstance(entry, dict) or "answer" not in entry or "metadata" not in entry:
         raise ValueError("field 'entry': expected a dict with 'question', 'answer', 'metadata'")
 
 
-def _strict_exact(answer: str | None, entry: dict) -> float:
-    oracle = entry["answer"]
-    return 1.0 if isinstance(answer, str) and answer.strip() == str(oracle).strip() else 0.0
-
-
 @functools.lru_cache(maxsize=None)
-def scorer_for(task: str) -> Callable[[str | None, dict], float]:
-    """The scoring function used for `task` (reasoning-gym's, or the strict exact match)."""
+def _strict(task: str) -> tuple[str, Callable[[str, dict], float]]:
     import reasoning_gym.factory
     from reasoning_gym.dataset import ProceduralDataset
 
     dataset_cls, config_cls = reasoning_gym.factory.DATASETS[task]
-    if STRICT_DEFAULT_SCORER and dataset_cls.score_answer is ProceduralDataset.score_answer:
-        return _strict_exact
-    return dataset_cls(config=config_cls()).score_answer
+    default = dataset_cls.score_answer is ProceduralDataset.score_answer
+    return logic_strict.strict_scorer(task, dataset_cls(config=config_cls()).score_answer, default)
+
+
+def scorer_for(task: str) -> Callable[[str, dict], float]:
+    """The strict scoring function used for `task`: (answer, entry) -> 0.0 or 1.0."""
+    return _strict(task)[1]
+
+
+def scoring_mode(task: str) -> str:
+    """How `task` is scored: "exact", "full_credit" or "own" (see rewards.logic_strict)."""
+    return _strict(task)[0]
 
 
 def logic_reward(task: str, entry: dict, answer: str) -> float:
     """Score of the last `<answer>` of `answer` for `entry`; 0 on no answer or scorer error."""
     extracted = last_tagged(answer, "answer")
-    if extracted is None:
+    if extracted is None or len(extracted) > MAX_ANSWER_CHARS:
         return 0.0
     try:
         value = float(scorer_for(task)(extracted, entry))

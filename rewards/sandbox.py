@@ -11,8 +11,12 @@ Isolation (host side, this module):
   size-capped tmpfs /tmp as the only writable place; no host path is writable or even visible
   beyond /usr;
 - as root (CI): no user namespace, the runner keeps only CAP_SETUID/SETGID/KILL and each test
-  child drops to `uid` (65534, "nobody") so RLIMIT_NPROC applies; without root: a user namespace
-  maps the caller to `uid` and RLIMIT_NPROC is set above the caller's current process count;
+  child drops to a uid of its own sandbox (`rewards.uid_slots`: one uid per concurrently running
+  sandbox, from `uid_base`), so RLIMIT_NPROC applies per sandbox and one response's processes
+  cannot use up another's; after each test the runner kills every process the test left behind
+  (`kill(-1)` in the sandbox's pid namespace), so each test starts with the whole budget;
+  without root: a user namespace maps the caller to `uid` and RLIMIT_NPROC is set above the
+  caller's current process count (all of the caller's sandboxes then share that count);
 - per test rlimits: address space, CPU seconds, processes, file size, open files, no core dumps;
   captured output capped at `max_output_bytes` (the child is killed past it).
 Without `bwrap` on PATH, `run_tests` raises SandboxUnavailableError: untrusted code is never run
@@ -20,6 +24,7 @@ unsandboxed.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import marshal
 import os
@@ -44,13 +49,15 @@ class SandboxLimits:
     per_test_timeout_s: float = 4.0  # wall-clock per test; the process group is killed past it
     cpu_time_s: int = 5  # RLIMIT_CPU per test child
     memory_bytes: int = 1 << 30  # RLIMIT_AS per process (1 GiB)
-    max_processes: int = 32  # RLIMIT_NPROC for the test uid
+    max_processes: int = 32  # RLIMIT_NPROC of each sandbox's own uid (threads count)
     max_file_bytes: int = 16 << 20  # RLIMIT_FSIZE (largest file a test may write)
     max_open_files: int = 64  # RLIMIT_NOFILE
     max_output_bytes: int = 1 << 20  # captured stdout (or call result) per test
     total_timeout_s: float = 20.0  # per response: tests not started within it count as failed
     tmpfs_bytes: int = 64 << 20  # size of the sandbox's writable /tmp
-    uid: int = 65534  # unprivileged uid the tests run as ("nobody")
+    uid: int = 65534  # without root: the uid the caller is mapped to inside the sandbox
+    uid_base: int = 2_000_000_000  # as root: first of the per-sandbox uids the tests run as
+    uid_slots: int = 256  # as root: how many sandboxes may run at once on the machine
     python: str = "/usr/bin/python3"  # interpreter inside the sandbox (must live under /usr)
 
 
@@ -121,7 +128,7 @@ def response_budget_s(num_tests: int, limits: SandboxLimits) -> float:
 
 
 def _job(program: str, inputs: list, fn_name: str | None, limits: SandboxLimits,
-         privileged: bool) -> bytes:
+         privileged: bool, uid: int) -> bytes:
     nproc = limits.max_processes
     if not privileged:  # RLIMIT_NPROC counts all the caller's processes
         nproc += _count_user_processes(os.getuid())
@@ -131,7 +138,7 @@ def _job(program: str, inputs: list, fn_name: str | None, limits: SandboxLimits,
         "rlimits": {"AS": limits.memory_bytes, "CPU": limits.cpu_time_s, "NPROC": nproc,
                     "FSIZE": limits.max_file_bytes, "NOFILE": limits.max_open_files},
         "max_output_bytes": limits.max_output_bytes, "total_timeout_s": limits.total_timeout_s,
-        "drop_to_uid": limits.uid if privileged else None,
+        "drop_to_uid": uid if privileged else None,
     }
     return marshal.dumps(job)
 
@@ -152,20 +159,32 @@ def run_tests(program: str, inputs: list, *, fn_name: str | None = None,
     """
     privileged = os.geteuid() == 0
     cmd = bwrap_command(limits, privileged)
-    total_s = STARTUP_BUDGET_S + response_budget_s(len(inputs), limits)
+    if privileged:  # imported here: this module also runs standalone (tests, without rewards/)
+        from rewards import uid_slots
+
+        slot = uid_slots.acquire(limits.uid_base, limits.uid_slots, wait_s=STARTUP_BUDGET_S)
+    else:
+        slot = contextlib.nullcontext(limits.uid)
+    with slot as uid:
+        job = _job(program, inputs, fn_name, limits, privileged, uid)
+        raw = _run_bwrap(cmd, job, STARTUP_BUDGET_S + response_budget_s(len(inputs), limits))
+    return _parse_results(raw, len(inputs), stats if stats is not None else {})
+
+
+def _run_bwrap(cmd: list[str], job: bytes, total_s: float) -> bytes:
+    """Run one sandbox on `job`, killed past `total_s`; returns what the runner wrote."""
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, start_new_session=True,
                             env=BWRAP_ENV)  # bwrap's own environ is readable in /proc/1
     try:
-        raw, _ = proc.communicate(_job(program, inputs, fn_name, limits, privileged),
-                                  timeout=total_s)
+        raw, _ = proc.communicate(job, timeout=total_s)
     except subprocess.TimeoutExpired:
         _kill_group(proc.pid)
         raw, _ = proc.communicate()  # what the runner printed before the deadline
     finally:
         _kill_group(proc.pid)
         proc.wait()
-    return _parse_results(raw, len(inputs), stats if stats is not None else {})
+    return raw
 
 
 def _parse_results(raw: bytes, num_tests: int, stats: dict) -> list[dict]:

@@ -10,7 +10,8 @@ rlimits, drops to `drop_to_uid` (the runner itself stays the sandbox's root, so 
 signal it or read its file descriptors), then runs the program with stdin = inputs[i] (stdio
 tests) or calls `fn_name(*inputs[i])` / `Solution().fn_name(*inputs[i])` and writes the JSON
 result to fd 3 (call tests). The runner captures at most `max_output_bytes`, kills the child's
-process group on timeout or overflow, and writes one record per test to stdout (8-byte
+process group on timeout or overflow, then kills whatever the test left running anywhere in
+the sandbox (daemons that left the group), and writes one record per test to stdout (8-byte
 little-endian length, then the marshal-encoded dict):
     {"i": i, "status": "ok" | "error" | "timeout" | "output_limit" | "spawn_failed" | "skipped",
      "out": str}
@@ -162,6 +163,20 @@ def _input_fd(job, i):
     return fd
 
 
+def _kill_leftovers(deadline_s=0.5):
+    """Kill every process of the sandbox but pid 1 (bwrap) and this runner, and wait until the
+    kernel has released them, so the next test starts with the whole process budget."""
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return
+    me, stop = str(os.getpid()), time.monotonic() + deadline_s
+    while time.monotonic() < stop:
+        if not [p for p in os.listdir("/proc") if p.isdigit() and p not in ("1", me)]:
+            return
+        time.sleep(POLL_S)
+
+
 def run_test(job, i, timeout_s):
     """Run test i in a fresh child; returns the result dict written for it."""
     in_fd = _input_fd(job, i)
@@ -181,6 +196,7 @@ def run_test(job, i, timeout_s):
         os.close(fd)
     status, (stdout, result) = _collect(pid, [out_r, res_r], timeout_s, job["max_output_bytes"])
     _kill_group(pid)
+    _kill_leftovers()
     os.close(out_r)
     os.close(res_r)
     out = result if job.get("fn_name") else stdout

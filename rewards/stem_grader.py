@@ -7,14 +7,16 @@ gold answer g:
   as "(B)", "B)", "B.", "B: text", "\\text{B}" (case-sensitive upper letter).
 - g is a plain number: R = 1 iff |pred - g| <= REL_TOL * max(|g|, ABS_FLOOR) for a plain-number
   prediction (units and thousands separators are not stripped here: math-verify handles them).
-- otherwise (or when the number test fails): math-verify equivalence, as in domain "math".
+- otherwise (or when the number test fails): math-verify equivalence, as in domain "math"
+  (with its guards: over-long, over-nested or hedged predictions score 0, see
+  `rewards.math_grader.prepare_prediction`).
 """
 from __future__ import annotations
 
 import re
 
 from rewards.extract import last_boxed
-from rewards.math_grader import accepted_answers, equivalent
+from rewards.math_grader import accepted_answers, equivalent, prepare_prediction
 from rewards.registry import register
 
 REL_TOL = 1e-2  # relative tolerance for numeric answers (1%)
@@ -57,7 +59,10 @@ def stem_match(gold: str, pred: str) -> bool:
     if _NUMBER_RE.match(gold) and _NUMBER_RE.match(pred.replace(" ", "")):
         if numbers_close(float(gold), float(pred.replace(" ", ""))):
             return True
-    return pred == gold or equivalent(gold, pred)
+    if pred == gold:
+        return True
+    pred = prepare_prediction(pred, [gold])
+    return pred is not None and equivalent(gold, pred)
 
 
 def stem_reward(golds: list[str], answer: str) -> float:

@@ -24,8 +24,15 @@ def _resp(program):
     return f"<think>plan</think>Here:\n```python\n{program}\n```\n"
 
 
+def _sandbox_uid(uid):
+    """A uid the tests of a sandbox run as: one of the per-sandbox uids as root, else nobody."""
+    base = SandboxLimits().uid_base
+    return base <= uid < base + SandboxLimits().uid_slots if os.geteuid() == 0 else uid == 65534
+
+
 def _nobody_processes():
-    return [p for p in os.listdir("/proc") if p.isdigit() and _uid(p) == 65534]
+    return [p for p in os.listdir("/proc") if p.isdigit() and (_uid(p) or 0) > 0
+            and _sandbox_uid(_uid(p))]
 
 
 def _uid(pid):
@@ -68,7 +75,7 @@ def test_call_based_function_and_solution_class():
     assert rewards.score(_rec(tests), _resp("def twoSum(n, t):\n    return [1, 0]")) == 0.0
 
 
-def test_runs_as_nobody_with_an_empty_environment(monkeypatch):
+def test_runs_as_a_sandbox_uid_with_an_empty_environment(monkeypatch):
     monkeypatch.setenv("PRORL_SECRET_TOKEN", "hunter2")
     prog = ("import os\nprint(os.getuid(), sorted(os.environ.items()), os.getcwd())\n"
             "for pid in os.listdir('/proc'):\n    try:\n"
@@ -78,7 +85,7 @@ def test_runs_as_nobody_with_an_empty_environment(monkeypatch):
     assert res["status"] == "ok"
     assert "hunter2" not in res["out"] and "PRORL_SECRET" not in res["out"]
     if os.geteuid() == 0:
-        assert res["out"].startswith("65534 ")
+        assert _sandbox_uid(int(res["out"].split()[0]))
 
 
 def test_too_slow_is_cut_at_the_per_test_and_per_response_budgets():

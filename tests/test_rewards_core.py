@@ -164,13 +164,15 @@ def test_bench_script_runs_on_a_tiny_batch(capsys):
     records, responses = bench.math_batch(32, __import__("random").Random(1))
     assert len(records) == 32 and all(r["domain"] == "math" for r in records)
     old_argv = sys.argv
-    sys.argv = ["rewards.py", "--num-math", "32", "--num-code", "2", "--workers", "1"]
+    sys.argv = ["rewards.py", "--num-math", "32", "--num-code", "2", "--workers", "1",
+                "--worst-chars", "3000", "--worst-domains", "code,ifeval"]  # math: ~3 s alarms
     try:
         bench.main()
     finally:
         sys.argv = old_argv
     out = capsys.readouterr().out
     assert '"math"' in out and '"code"' in out and '"num_crashed": 0' in out
+    assert "worst case ifeval" in out and '"worst_case"' in out
 
 
 def test_time_limits_respect_a_domains_own_budget():

@@ -125,7 +125,7 @@ def test_ifeval_fraction_none_kwargs_and_errors():
     ids = ["punctuation:no_comma", "detectable_format:title", "keywords:existence"]
     kwargs = [{"keywords": None}, {}, {"keywords": ["tea"], "num_words": None}]
     assert _if(ids, kwargs, "<<T>> tea, please") == pytest.approx(2 / 3)
-    assert _if(ids, kwargs, "") == pytest.approx(1 / 3)  # only no_comma holds on empty text
+    assert _if(ids, kwargs, "") == 0.0  # an empty answer follows nothing (official strict rule)
     # A check that cannot run on its kwargs (wrong relation) counts as not followed.
     assert _if(["length_constraints:number_words"], [{"num_words": 1, "relation": "about"}],
                "a b") == 0.0

@@ -81,3 +81,29 @@ def test_stem_helpers():
 ])
 def test_stem_rewards(gold, response, reward):
     assert rewards.score({"domain": "stem", "answer": gold}, response) == reward
+
+
+# Cases modelled on math-verify's own regression tests (tests/test_all.py), as boxed answers.
+@pytest.mark.parametrize("gold,boxed,reward", [
+    ("1,22", "1.22", 1.0), ("0,111", "0.111", 1.0), ("1000,99", "1000.99", 1.0),
+    ("7425000", "7,425,000", 1.0), ("10/9", r"\frac{10}{9}", 1.0), ("-10/9", r"-\frac{10}{9}", 1.0),
+    ("1/3", r"\frac13", 1.0), (r"\sqrt{3}", r"\sqrt3", 1.0), ("1/3", r"\cfrac{1}{3}", 1.0),
+    ("1/3", r"\left( \frac{1}{3} \right)", 1.0), ("1/3", r"\frac{1}{3} \text{meters}", 1.0),
+    ("1/3", r"k = \frac{1}{3}", 1.0), ("[0,1)", "[0,1)", 1.0), ("[0,9)", "[0,1)", 0.0),
+    ("(0,9)", "[0,9)", 0.0), (r"28\%", "28", 1.0), ("0.28", "28", 0.0), ("28", "28/100", 0.0),
+    ("14916", "14{,}916", 1.0), (r"\text{Evelyn}", r"\text{Evelyn}", 1.0), ("2", "AZYUK2A", 0.0),
+])
+def test_math_verify_style_cases(gold, boxed, reward):
+    assert _math(gold, rf"<think>w</think>so $\boxed{{{boxed}}}$") == reward
+
+
+# DeepScaleR's rule (cases modelled on the tests of its public ports): answer after </think>,
+# in a box; a boxed gold is read as its content.
+@pytest.mark.parametrize("response,gold,reward", [
+    (r"Let me analyze...</think>The answer is \boxed{42}", "42", 1.0),
+    (r"Thinking...</think>The answer is \boxed{wrong}", "42", 0.0),
+    (r"The answer is \boxed{42}", "42", 0.0), (r"</think>The answer is 42", "42", 0.0),
+    (r"</think>\boxed{42}", r"\boxed{42}", 1.0), (r"</think>\boxed{123}", "42", 0.0),
+])
+def test_deepscaler_rule_cases(response, gold, reward):
+    assert _math(gold, response) == reward
