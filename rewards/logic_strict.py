@@ -140,6 +140,48 @@ def full_credit(scorer: Callable[[str, dict], float]) -> Callable[[str, dict], f
     return strict
 
 
+def _arithmetic_value(node, literals: list[int]):
+    """Exact value (a Fraction) of an ast node of + - * / on integer literals, collected in
+    `literals`; ValueError for anything else (names, calls, powers, floats)."""
+    import ast
+    from fractions import Fraction
+
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        literals.append(node.value)
+        return Fraction(node.value)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+        value = _arithmetic_value(node.operand, literals)
+        return value if isinstance(node.op, ast.UAdd) else -value
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+        left = _arithmetic_value(node.left, literals)
+        right = _arithmetic_value(node.right, literals)
+        if isinstance(node.op, ast.Div):
+            if right == 0:
+                raise ValueError("division by zero")
+            return left / right
+        return {ast.Add: left + right, ast.Sub: left - right,
+                ast.Mult: left * right}[type(node.op)]
+    raise ValueError(f"not + - * / on integers: {type(node).__name__}")
+
+
+def make_target_match(answer: str, entry: dict, target: int = 24) -> float:
+    """puzzle24: 1 iff the answer is an expression of + - * / and parentheses that uses exactly
+    the puzzle's numbers (entry["metadata"]["numbers"], each once) and equals `target` exactly
+    (rational arithmetic). Parsed with `ast`, never evaluated as Python."""
+    import ast
+
+    text = answer.strip()
+    if len(text) > EXPR_MAX_CHARS or not re.fullmatch(r"[\d\s+\-*/()]+", text):
+        return 0.0
+    literals: list[int] = []
+    try:
+        value = _arithmetic_value(ast.parse(text, mode="eval").body, literals)
+    except (ValueError, SyntaxError, RecursionError):
+        return 0.0
+    numbers = sorted(int(x) for x in entry["metadata"]["numbers"])
+    return 1.0 if sorted(literals) == numbers and value == target else 0.0
+
+
 Scorer = Callable[[str, dict], float]
 _own = lambda scorer: (lambda rg_scorer: scorer)  # noqa: E731  (ignores reasoning-gym's scorer)
 
@@ -162,6 +204,9 @@ OWN_SCORERS: dict[str, tuple[Callable[[Scorer], Scorer], str]] = {
     "arc_agi": (_own(grid_match), "its scorer compares with tuples that do not survive JSON (the "
                                   "oracle itself scores 0.05 after a round trip)"),
     "rearc": (_own(grid_match), "as arc_agi"),
+    "puzzle24": (_own(make_target_match), "its scorer checks only that the expression equals "
+                                          "24, not that it uses the puzzle's numbers: any '4*6' "
+                                          "earns full credit on every problem"),
 }
 
 

@@ -387,3 +387,19 @@ def test_escape_daemons_do_not_outlive_their_test():
     res = run_tests(prog, ["spawn\n", "count\n"], limits=TIGHT)
     assert res[0]["out"].strip() == "spawned"
     assert res[1]["out"].strip() == "3"  # bwrap's init, the runner and this test: no daemon
+
+
+def test_puzzle24_pays_only_for_the_puzzles_own_numbers():
+    """reasoning-gym's puzzle24 scorer checks only that the expression equals 24."""
+    import reasoning_gym
+
+    entry = json.loads(json.dumps(reasoning_gym.create_dataset("puzzle24", size=1, seed=0)[0]))
+    record = {"domain": "logic", "task": "puzzle24", "entry": entry, "prompt": entry["question"]}
+    assert entry["metadata"]["numbers"] == [1, 3, 5, 9]
+    assert rewards.score(record, _ans(entry["answer"])) == 1.0
+    assert rewards.score(record, _ans("(9 - 5) * (1 + 3) + 3 * 5 - 7")) == 0.0  # other numbers
+    for hack in ("4*6", "24", "1*3*5 + 9 + 0", "1*3*5 + 9*1", "1*3*5 + 9.0",
+                 "(1*3*5 + 9)**1", "__import__('os').getpid()"):
+        assert rewards.score(record, _ans(hack)) == 0.0, hack
+    assert rewards.score(record, _ans("(9 + 3*5) * 1")) == 1.0   # any order, any form
+    assert logic_grader.scoring_mode("puzzle24") == "own"
