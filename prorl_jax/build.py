@@ -102,6 +102,8 @@ def build_datasets(cfg, tokenizer):
     if val_sources:
         val = data_lib.PromptDataset(val_sources, tokenizer,
                                      max_prompt_tokens=cfg.data.max_prompt_tokens, seed=cfg.seed)
+    import rewards  # refuse at start-up what cannot be scored here (code without a sandbox)
+    rewards.check_available(train.domains | (val.domains if val is not None else set()))
     return train, val
 
 

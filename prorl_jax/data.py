@@ -218,6 +218,11 @@ class PromptDataset:
                        len(records) - len(keep))
 
     @property
+    def domains(self) -> set[str]:
+        """The reward domains of the records (what the scorer must be able to score)."""
+        return {r["domain"] for src in self.sources for r in src.records}
+
+    @property
     def num_dropped(self) -> int:
         return sum(s.num_dropped for s in self.sources)
 

@@ -7,7 +7,7 @@
 
 A record is a dict with `domain` and that domain's fields (see each `*_grader` module).
 """
-from rewards.registry import RecordError, register, registered_domains  # noqa: F401  (first: toy uses it)
+from rewards.registry import RecordError, check_available, register, registered_domains  # noqa: F401  (first: toy uses it)
 from rewards.sandbox import SandboxLimits, SandboxUnavailableError  # noqa: F401
 from rewards import code_grader, ifeval_grader, logic_grader, math_grader, stem_grader  # noqa: F401,E402
 from rewards.api import close_default_pool, default_pool, score, score_batch  # noqa: F401,E402

@@ -14,7 +14,7 @@ import atexit
 
 from rewards.extract import answer_region
 from rewards.pool import RewardPool, guarded_score
-from rewards.registry import get_domain
+from rewards.registry import scoring_domain
 
 _DEFAULT_POOL: RewardPool | None = None
 
@@ -25,7 +25,7 @@ def score(record: dict, response: str, *, think_mode: str = "require") -> float:
     No per-item time limit is imposed here beyond the checkers' own (math-verify's alarms, the
     code sandbox's timeouts); use `score_batch` for isolation from hanging checkers.
     """
-    domain = get_domain(record)
+    domain = scoring_domain(record)
     if not isinstance(response, str):
         raise TypeError(f"response: expected str, got {type(response).__name__}")
     answer = answer_region(response, think_mode)

@@ -61,7 +61,6 @@ def validate_code_record(record: dict) -> None:
     timeout = record.get("per_test_timeout_s")
     if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
         raise ValueError(f"field 'per_test_timeout_s': expected a number > 0, got {timeout!r}")
-    find_bwrap()  # refuse up front (SandboxUnavailableError) rather than score without a sandbox
 
 
 def _limits(record: dict) -> SandboxLimits:
@@ -152,7 +151,7 @@ def code_reward(program: str, tests: dict, *, max_tests: int | None = None,
 
 
 @register("code", required_fields=("tests",), validate=validate_code_record,
-          timeout_s=code_time_limit_s)
+          timeout_s=code_time_limit_s, requires=find_bwrap)  # no sandbox: refuse, never run
 def score_code(record: dict, answer: str) -> float:
     """Registry entry for domain "code": the last ```python block of the answer region."""
     program = last_code_block(answer)

@@ -20,7 +20,7 @@ import signal
 import time
 
 from rewards.extract import answer_region
-from rewards.registry import get_domain
+from rewards.registry import scoring_domain
 from rewards.sandbox import SandboxUnavailableError
 
 STATUSES = ("ok", "unanswered", "crash", "timeout")
@@ -114,7 +114,7 @@ def prepare_batch(records: list, responses: list, think_mode: str):
     """
     if len(records) != len(responses):
         raise ValueError(f"score_batch: {len(records)} records but {len(responses)} responses")
-    domains = [get_domain(r, i) for i, r in enumerate(records)]
+    domains = [scoring_domain(r, i) for i, r in enumerate(records)]
     answers = []
     for i, resp in enumerate(responses):
         if not isinstance(resp, str):

@@ -7,8 +7,11 @@ region of the response (see `rewards.extract.answer_region`). New domains plug i
     def my_reward(record, answer): ...
 
 Optional per-domain hooks: `validate(record)` raises ValueError naming a bad field (called in the
-scoring parent before any work is dispatched), and `timeout_s(record) -> float` gives the
-per-item time limit that `score_batch` enforces when the caller does not set one.
+scoring parent before any work is dispatched, and by the data loaders), `timeout_s(record) ->
+float` gives the per-item time limit that `score_batch` enforces when the caller does not set
+one, and `requires()` raises when this machine cannot score the domain (code: no sandbox). A
+record is only *validated* where data is prepared (`get_domain`); `scoring_domain` also checks
+`requires`, so data can be converted on a machine that cannot score it.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ class Domain:
     required_fields: tuple[str, ...]
     validate: Callable[[dict], None] | None = None
     timeout_s: Callable[[dict], float] | None = None
+    requires: Callable[[], None] | None = None
 
     def time_limit_s(self, record: dict, requested_s: float | None = None) -> float:
         """Per-item wall-clock limit (seconds) for scoring `record`.
@@ -56,6 +60,7 @@ def register(
     required_fields: tuple[str, ...],
     validate: Callable[[dict], None] | None = None,
     timeout_s: Callable[[dict], float] | None = None,
+    requires: Callable[[], None] | None = None,
 ) -> Callable[[RewardFn], RewardFn]:
     """Decorator registering `fn(record, answer) -> float` as the verifier of `domain`.
 
@@ -73,7 +78,7 @@ def register(
                 f"register: domain {domain!r} already registered by {old.fn.__module__}."
                 f"{old.fn.__qualname__}"
             )
-        _DOMAINS[domain] = Domain(domain, fn, fields, validate, timeout_s)
+        _DOMAINS[domain] = Domain(domain, fn, fields, validate, timeout_s, requires)
         return fn
 
     return decorator
@@ -108,4 +113,23 @@ def get_domain(record: dict, index: int | None = None) -> Domain:
             raise
         except ValueError as err:
             raise RecordError(f"{where} (domain {name!r}): {err}") from None
+    return domain
+
+
+def check_available(domains) -> None:
+    """Raises (e.g. SandboxUnavailableError) unless every named domain can be scored here;
+    unknown names are RecordErrors. Call once at start-up with the training data's domains."""
+    for name in sorted(set(domains)):
+        domain = _DOMAINS.get(name)
+        if domain is None:
+            raise RecordError(f"unknown domain {name!r}; registered: {registered_domains()}")
+        if domain.requires is not None:
+            domain.requires()
+
+
+def scoring_domain(record: dict, index: int | None = None) -> Domain:
+    """`get_domain` for scoring: also refuses a domain this machine cannot score (`requires`)."""
+    domain = get_domain(record, index)
+    if domain.requires is not None:
+        domain.requires()
     return domain

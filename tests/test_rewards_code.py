@@ -241,3 +241,17 @@ def test_unprivileged_callers_get_a_user_namespace_sandbox(tmp_path):
     assert "PRORL_SECRET_TOKEN" not in out["env"][0]["out"] and out["env"][0]["status"] == "ok"
     assert out["bomb"][0]["status"] in ("timeout", "error")
     assert out["net"][0]["out"].strip() == "blocked"
+
+
+def test_code_data_is_validated_without_a_sandbox_but_not_scored(monkeypatch):
+    """Data preparation runs where bwrap may be missing; scoring and the trainer's start-up
+    check refuse there."""
+    from prorl_jax.data import validate_record
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    record = dict(_rec(ADD_TESTS), prompt="add two numbers")
+    assert validate_record(record, "row 1") is record
+    with pytest.raises(rewards.SandboxUnavailableError, match="bwrap"):
+        rewards.check_available({"math", "code"})
+    rewards.check_available({"math", "ifeval"})
+    with pytest.raises(rewards.RecordError, match="no_such"):
+        rewards.check_available({"no_such"})
