@@ -35,6 +35,7 @@ from jax.sharding import Mesh
 from prorl_jax.fields import Section, above, at_least, field, int_at_least
 from prorl_jax.loss import (AGG_MODES, DEFAULT_CHUNK_SIZE, KL_KINDS, compute_loss,
                             loss_denominator, token_counts, token_logprobs)
+from prorl_jax.rollout.base import SAMPLING_TEMPERATURE
 from prorl_jax.sharding import batch_sharding, batch_shards, replicated
 from prorl_jax.train_state import TrainState, optimizer_count
 
@@ -66,7 +67,7 @@ class UpdateConfig(Section):
     entropy_coef: float = field("loss.entropy_coef", 0.0, "a number", lambda v: True)
     norm_len: Optional[int] = field("loss.norm_len", None, "0 (off) or an integer > 0",
                                     int_at_least(1)[1], off=0)
-    temperature: float = field("rollout.temperature", 1.0, *above(0))
+    temperature: float = field("rollout.temperature", 1.0, *SAMPLING_TEMPERATURE)
     micro_batch_rows: int = field("batch.micro_batch_rows", 0, *int_at_least(0))
     logprob_chunk: int = field("model.logprob_chunk", DEFAULT_CHUNK_SIZE, *int_at_least(1))
 
