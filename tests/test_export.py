@@ -3,8 +3,6 @@ Face directories; transformers loads them with the JAX model's float32 logits, a
 are byte for byte what the vLLM weight sync writes."""
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -17,7 +15,6 @@ from prorl_jax.trainer import Trainer
 from test_trainer import small_config
 
 pytestmark = pytest.mark.usefixtures("trainer_compile_cache")  # conftest.py
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class _Keeps(Trainer):
@@ -58,15 +55,12 @@ def _ids(trainer):
     return np.asarray([trainer.tokenizer.encode("next 7 next 41")] * 2, np.int32)
 
 
-def test_cli_exports_the_policy_of_a_step_that_transformers_loads(run, tmp_path):
+def test_command_exports_the_policy_of_a_step_that_transformers_loads(run, tmp_path, capsys):
     import tokenizers
     workdir, trainer = run
     out = str(tmp_path / "policy_step1")
-    done = subprocess.run([sys.executable, "-m", "prorl_jax.export", workdir, "--step", "1",
-                           out], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "(step 1)" in done.stdout
+    assert export_lib.main([workdir, "--step", "1", out]) == 0  # `python -m prorl_jax.export`
+    assert "(step 1)" in capsys.readouterr().out
     ids = _ids(trainer)
     want = _jax_logits(trainer, trainer.kept[1], ids)
     np.testing.assert_allclose(_hf_logits(out, ids), want, rtol=1e-4, atol=1e-4)
