@@ -1,7 +1,7 @@
-"""Checkpoints of a run (Orbax) and the export of the policy as a Hugging Face directory.
+"""Checkpoints of a run (Orbax); `prorl_jax.export` turns one into a Hugging Face directory.
 
 A checkpoint at step s is a directory <dir>/<s>/ holding two items:
-    state: the TrainState (policy, reference, optimizer state, step, RNG) as sharded arrays;
+    state: the TrainState (policy, reference, optimizer state, step) as sharded arrays;
     extra: a JSON document (the data iterator's state, the reset history, the config dict,
            trainer counters - whatever the trainer passes).
 Saves are asynchronous (the arrays are copied off the devices, then written by a background
@@ -13,15 +13,25 @@ one mesh resumes on another (8 devices -> 4).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Mapping, Optional
 
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
+from prorl_jax.fields import Section, field, int_at_least
 from prorl_jax.train_state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig(Section):
+    """config.checkpoint: every_steps (save interval, 0: only at the end), keep_last (the newest
+    N kept), keep_every (and every K-th step forever, 0: none), async_save."""
+    every_steps: int = field("checkpoint.every_steps", 50, *int_at_least(0))
+    keep_last: int = field("checkpoint.keep_last", 3, *int_at_least(1))
+    keep_every: int = field("checkpoint.keep_every", 0, *int_at_least(0))
+    async_save: bool = field("checkpoint.async_save", True)
 
 
 class Checkpointer:
@@ -34,10 +44,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, keep_last: int = 3, keep_every: int = 0,
                  async_save: bool = True):
-        if keep_last < 1:
-            raise ValueError(f"checkpoint.keep_last={keep_last}: expected an integer >= 1")
-        if keep_every < 0:
-            raise ValueError(f"checkpoint.keep_every={keep_every}: expected >= 0 (0: off)")
+        CheckpointConfig(keep_last=keep_last, keep_every=keep_every, async_save=async_save)
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep_last, keep_period=keep_every or None,
@@ -74,18 +81,41 @@ class Checkpointer:
         """(TrainState, extra) of checkpoint `step` (default: the latest).
 
         abstract_state: a TrainState of jax.ShapeDtypeStruct with shardings (see
-        train_state.abstract_train_state); the arrays are read directly into those shardings.
+        train_state.abstract_state); the arrays are read directly into those shardings.
         """
+        step = self._complete_step(step)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state._asdict()),
+                                  extra=ocp.args.JsonRestore())
+        restored = self._manager.restore(step, args=args)
+        return TrainState(**restored["state"]), dict(restored["extra"] or {})
+
+    def restore_extra(self, step: Optional[int] = None) -> dict:
+        """The extra JSON document of checkpoint `step` (default: the latest), no arrays."""
+        step = self._complete_step(step)
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            extra=ocp.args.JsonRestore()))
+        return dict(restored["extra"] or {})
+
+    def restore_part(self, name: str, abstract: Any, step: Optional[int] = None) -> Any:
+        """One TrainState field ("params", "ref_params", ...) of checkpoint `step`, reading
+        only its arrays (not the optimizer state) into `abstract`'s shardings."""
+        step = self._complete_step(step)
+        item = {name: abstract}
+        state = ocp.args.PyTreeRestore(
+            item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True)
+        return self._manager.restore(step, args=ocp.args.Composite(state=state))["state"][name]
+
+    def _complete_step(self, step: Optional[int]) -> int:
+        """`step`, or the latest when None; FileNotFoundError naming the directory if there
+        is no such complete checkpoint."""
         step = self.latest_step() if step is None else int(step)
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no complete checkpoint to restore")
         if step not in self.all_steps():
             raise FileNotFoundError(f"{self.directory}: no checkpoint for step {step} "
                                     f"(have {self.all_steps()})")
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state._asdict()),
-                                  extra=ocp.args.JsonRestore())
-        restored = self._manager.restore(step, args=args)
-        return TrainState(**restored["state"]), dict(restored["extra"] or {})
+        return step
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager's threads."""
@@ -96,25 +126,3 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def export_hf(params: Any, config: Any, path: str, *, dtype: Any = None) -> Optional[str]:
-    """Writes the policy as a Hugging Face directory (config.json + safetensors) at `path`.
-
-    params: the policy's nnx.State (sharded or not, across hosts or not); config: its
-    Qwen2Config; dtype: stored dtype (default config.param_dtype). Every process must call it
-    (sharded arrays are gathered); process 0 writes. Returns path on process 0, else None.
-    """
-    from prorl_jax.models.hf_io import save_pretrained  # lazy: weight I/O is its own module
-
-    host_params = jax.tree.map(_gather_to_host, params)
-    if jax.process_index() != 0:
-        return None
-    return save_pretrained(host_params, path, config=config, dtype=dtype)
-
-
-def _gather_to_host(x: Any) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)

@@ -18,15 +18,7 @@ from prorl_jax.trainer import NonFiniteError, Trainer
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _compile_cache(tmp_path_factory):
-    """Reuse compiled executables across the Trainer instances of this module."""
-    import jax
-    old = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jaxcache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield
-    jax.config.update("jax_compilation_cache_dir", old)
+pytestmark = pytest.mark.usefixtures("trainer_compile_cache")  # conftest.py
 
 
 def small_config(**overrides):
@@ -217,10 +209,12 @@ def test_nonfinite_steps_are_skipped_then_stop_with_checkpoint(tmp_path):
 
 def test_bad_override_fails_at_start_naming_the_field(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    for flag, expected in (("--config.loss.eps_high=-1", "config.loss.eps_high=-1"),
-                           ("--config.loss.nope=1", "nope")):
+    # An optional field (None by default) takes a value on the command line.
+    for flags, expected in ((["--config.reward.truncated_reward=0.0",
+                              "--config.loss.eps_high=-1"], "config.loss.eps_high=-1"),
+                            (["--config.loss.nope=1"], "nope")):
         out = subprocess.run([sys.executable, "-m", "prorl_jax.main",
-                              "--config=configs/prorl.py:demo", f"--workdir={tmp_path}", flag],
+                              "--config=configs/prorl.py:demo", f"--workdir={tmp_path}", *flags],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode != 0
         assert expected in out.stderr, out.stderr[-2000:]
