@@ -6,6 +6,7 @@ import os
 import subprocess
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -350,8 +351,6 @@ def test_process_zero_engine_raises_the_servers_error_on_every_process():
 
 
 def test_trainer_stops_with_a_checkpoint_naming_the_server():
-    import types
-
     from prorl_jax.trainer import Trainer
 
     saved, waited = [], []
@@ -365,3 +364,52 @@ def test_trainer_stops_with_a_checkpoint_naming_the_server():
         Trainer._sync_weights(trainer, 5)
     assert saved == [5] and waited == [[5]] and trainer.step == 5  # saved, then raised
     assert failure.value.servers == {SERVER: "left PAUSED"}
+
+
+# ---- the run config's vLLM part ----------------------------------------------------------
+def _vllm_config(**overrides):
+    from configs import prorl
+
+    cfg = prorl.get_config()
+    cfg.rollout.vllm_urls = "http://127.0.0.1:8000, http://localhost:8001/"
+    for key, value in overrides.items():
+        *section, field = key.split(".")
+        (cfg[section[0]] if section else cfg)[field] = value
+    return cfg
+
+
+def test_vllm_settings_refuse_what_vllm_would_refuse_naming_the_field():
+    from prorl_jax import config as config_lib
+    from prorl_jax.rollout.vllm_settings import VLLMSettings
+
+    def settings(cfg):
+        stages = config_lib.parse_stages(cfg)
+        return VLLMSettings.from_config(
+            cfg, [config_lib.stage_config(cfg, stages, i) for i in range(len(stages))],
+            workdir="/runs/a")
+
+    ok = settings(_vllm_config())
+    assert ok.urls == ("http://127.0.0.1:8000", "http://localhost:8001")
+    assert ok.weights_dir == "/runs/a/vllm_weights" and ok.health_timeout_s == 900.0
+    for overrides, match in [
+        ({"rollout.temperature": 2.5}, r"config.rollout.temperature=2.5: vLLM samples at "
+                                       r"temperatures in \[0, 2\]"),
+        ({"eval.temperature": 3.0}, "config.eval.temperature=3.0"),
+        ({"stages": "steps=10;steps=5,rollout.temperature=2.2"},
+         r"config.stages\[1\] rollout.temperature=2.2"),
+        ({"rollout.vllm_urls": "localhost:8000"}, "config.rollout.vllm_urls: 'localhost:8000' "
+                                                  "is not an http"),
+        ({"rollout.vllm_urls": " , "}, "config.rollout.vllm_urls: expected one or more"),
+        ({"rollout.health_timeout_s": 0.0}, r"config.rollout.health_timeout_s=0.0: expected > 0"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            settings(_vllm_config(**overrides))
+
+
+def test_build_engine_refuses_a_temperature_over_two_before_any_server_call():
+    from prorl_jax import build
+
+    cfg = _vllm_config(**{"rollout.temperature": 2.5, "rollout.engine": "vllm"})
+    with pytest.raises(ValueError, match="config.rollout.temperature=2.5"):
+        build.build_engine(cfg, types.SimpleNamespace(config=None), None, pad_id=0,
+                           workdir="/runs/a", max_new_tokens=8)

@@ -67,19 +67,26 @@ def free_port() -> int:
 
 
 class RealServer:
-    """One `vllm serve` started through launchers/vllm_server.sh; `url`, `log_path`."""
+    """One `vllm serve` started through launchers/vllm_server.sh; `url`, `log_path`.
 
-    def __init__(self, python: str, model_dir: str, log_path: str, name: str = "tiny"):
+    dtype, max_model_len: the served model's; extra_args: more `vllm serve` flags
+    (--enforce-eager always: no torch.compile on 2 cores).
+    """
+
+    def __init__(self, python: str, model_dir: str, log_path: str, name: str = "tiny", *,
+                 dtype: str = "float32", max_model_len: int = MAX_MODEL_LEN,
+                 extra_args: tuple = ()):
         self.port, self.log_path, self.name = free_port(), log_path, name
         env = dict(os.environ, VLLM=os.path.join(os.path.dirname(python), "vllm"),
-                   HOST="127.0.0.1", PORT=str(self.port), DTYPE="float32",
-                   MAX_MODEL_LEN=str(MAX_MODEL_LEN), SERVED_MODEL_NAME=name,
+                   HOST="127.0.0.1", PORT=str(self.port), DTYPE=dtype,
+                   MAX_MODEL_LEN=str(max_model_len), SERVED_MODEL_NAME=name,
                    VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING",
                    PYTHONPATH=REPO)  # the server imports the worker extension from here
         for key in ("JAX_PLATFORMS", "XLA_FLAGS"):
             env.pop(key, None)
         self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(["bash", LAUNCHER, model_dir, "--enforce-eager"],
+        self.proc = subprocess.Popen(["bash", LAUNCHER, model_dir, "--enforce-eager",
+                                      *extra_args],
                                      env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)  # its own process group
 
@@ -92,6 +99,8 @@ class RealServer:
             return f.read()[-chars:]
 
     def wait_ready(self, deadline: float) -> None:
+        """Polls /health until 200; raises with the log's tail if the server exits or the
+        monotonic `deadline` passes."""
         from prorl_jax.rollout.vllm_http import VLLMServerError, request_json
 
         while True:
