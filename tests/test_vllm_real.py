@@ -186,6 +186,7 @@ def test_double_answers_like_the_real_server(real):
         ("/v1/completions", {**gen, "model": "nope"}),
         ("/v1/completions", {**gen, "prompt": [[5000]]}),
         ("/collective_rpc", {"method": VERSION_METHOD}),
+        ("/collective_rpc", {"method": "check_health"}),  # returns None: {"results": [null]}
         ("/collective_rpc", {"method": "no_such_method"}),
         ("/pause?mode=sometimes", {}), ("/is_paused", None), ("/pause?mode=wait", {}),
         ("/is_paused", None), ("/reset_prefix_cache", {}), ("/resume", {}),

@@ -425,6 +425,9 @@ class _FakeWorker:
         self.model_runner = types.SimpleNamespace(model=_FakeModel(path))
         self.load_fault, self.half_loaded = load_fault, False
 
+    def check_health(self) -> None:
+        """vLLM's worker has it too: a method returning None ({"results": [null]})."""
+
     def reload_weights(self, weights_iterator=None, weights_path=None,
                        is_checkpoint_format=True) -> None:
         """As vLLM's: points model_config at weights_path, copies tensor by tensor."""
