@@ -318,6 +318,28 @@ def test_slurm_servers_bind_the_cluster_address_never_all_interfaces(tmp_path):
     assert ("--host", "10.1.2.3") in _pairs(log)
 
 
+def test_slurm_job_stops_at_once_when_a_server_node_cannot_bind(tmp_path):
+    """A node name that resolves to nothing (or loopback) there: the server step refuses to
+    start, and the job says so instead of waiting SERVER_WAIT_S for its health."""
+    from tests.test_plot_sweep import _fake_bin
+
+    path = _fake_bin(tmp_path, {
+        "scontrol": "printf 'gpu01\\ngpu02\\n'\n",
+        "srun": 'while [ $# -gt 0 ]; do case "$1" in -w) shift 2;; -*) shift;; *) break;; '
+                'esac; done\nexec "$@"\n',
+        "curl": "exit 7\n", "getent": "exit 2\n"})
+    env = dict(os.environ, PATH=path, SLURM_JOB_NODELIST="gpu[01-02]", SLURM_SUBMIT_DIR=REPO,
+               MODEL_PATH="/models/m", WORKDIR=str(tmp_path / "run"), TRAIN_NODES="1",
+               GPUS_PER_NODE="1")
+    env.pop("VLLM_HOST", None)
+    start = time.monotonic()
+    out = subprocess.run(["bash", os.path.join(REPO, "launchers", "slurm_h100.sbatch")],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and time.monotonic() - start < 20
+    assert 'gpu02 resolves to "" here: set VLLM_HOST' in out.stderr
+    assert "a vLLM server step exited before http://gpu02:8000 was healthy" in out.stderr
+
+
 # ---- failures reach every trainer process, and stop the trainer -------------------------
 SERVER = "http://10.0.0.7:8000"
 
