@@ -288,6 +288,18 @@ def test_failed_request_fails_over_to_the_next_server(servers, tmp_path):
     assert [len(completion_bodies(s)) for s in servers] == [1, 1]
 
 
+@pytest.mark.parametrize("servers", [[{}, {}]], indirect=True)
+def test_a_dead_server_is_named_and_its_prompts_fail_over(servers, tmp_path, caplog):
+    client = make_client(servers, tmp_path, check_logprobs_mode=False, max_retries=1)
+    servers[1].stop()
+    with caplog.at_level(logging.WARNING):
+        batch = client.generate(PROMPTS, **GEN)
+    assert len(batch.token_ids) == len(PROMPTS) * GEN["n"]
+    assert len(completion_bodies(servers[0])) == len(PROMPTS)
+    assert any(servers[1].url in r.getMessage() and "connection refused" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_client_errors_are_not_retried(servers, tmp_path):
     client = make_client(servers, tmp_path, check_logprobs_mode=False)
     with pytest.raises(VLLMServerError, match=r"v1/completions: HTTP 400: .*Token id 40 is out "

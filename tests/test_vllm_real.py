@@ -306,23 +306,24 @@ def test_pause_abort_ends_requests_in_flight(real):
 # ---- a server killed mid-run (keep last: it ends server 1) -------------------------------
 def test_server_killed_mid_run_is_named_and_nothing_hangs(real, caplog):
     client = make_client(real, check_logprobs_mode=False, max_retries=1, timeout_s=30.0)
-    killed = real["servers"][1]
+    killed, live = real["servers"][1], real["urls"][0]
     result = {}
     worker = threading.Thread(target=lambda: result.update(b=client.generate(
         [[5]] * 4, **{**GEN, "max_new_tokens": 200})))
     start = time.monotonic()
     with caplog.at_level(logging.WARNING):
         worker.start()
-        time.sleep(0.5)
-        killed.kill()
+        time.sleep(0.3)
+        killed.kill()  # requests in flight on it end "abort" or lose their connection
         worker.join(120)
         assert not worker.is_alive() and time.monotonic() - start < 120
-        batch = result["b"]  # requests on the killed server failed over to the other one
-        assert len(batch.token_ids) == 4 * GEN["n"]
+        assert len(result["b"].token_ids) == 4 * GEN["n"]  # failed over (or done before)
+        batch = client.generate(PROMPTS, **GEN)  # server 1 is gone: all on server 0
+        assert len(batch.token_ids) == len(PROMPTS) * GEN["n"]
         assert any(killed.url in r.getMessage() for r in caplog.records)
         with pytest.raises(WeightSyncError) as failure:
             client.update_weights(real["v1"].model, 5)
-    assert list(failure.value.servers) == [killed.url]
-    assert killed.url in str(failure.value) and real["urls"][0] not in failure.value.servers
-    assert_server_serves(real["urls"][0], real["v1"])  # the live server synced
+    assert time.monotonic() - start < 180
+    assert list(failure.value.servers) == [killed.url] and killed.url in str(failure.value)
+    assert_server_serves(live, real["v1"])  # the live server synced
     client.close()

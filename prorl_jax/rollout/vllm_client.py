@@ -242,10 +242,16 @@ class VLLMClient(RolloutEngine):
     # ---- generation -----------------------------------------------------------------------
     def _wait_until_resumed(self, url: str) -> None:
         """Waits (progress lines, up to health_timeout_s) while `url` reports is_paused, since
-        vLLM 0.32 holds a request sent to a paused server until /resume, however long."""
+        vLLM 0.32 holds a request sent to a paused server until /resume, however long. A
+        server that cannot be asked is only logged: its requests fail over to the others."""
         def check() -> str | None:
-            paused = (request_json(f"{url}/is_paused", timeout_s=self.timeout_s) or {}
-                      ).get("is_paused")
+            try:
+                paused = (request_json(f"{url}/is_paused", timeout_s=self.timeout_s) or {}
+                          ).get("is_paused")
+            except VLLMServerError as e:
+                log.warning("%s: cannot ask /is_paused (%s); its requests go to the other "
+                            "servers", url, e)
+                return None
             return "paused (POST /resume, or restart it)" if paused else None
 
         wait_until(check, what=f"{url} to resume", deadline_s=self.health_timeout_s)
