@@ -54,10 +54,15 @@ def paper_config() -> ml_collections.ConfigDict:
     c.rollout = r = ml_collections.ConfigDict()
     r.engine = "auto"                 # "vllm", "jax" (embedded sampler) or "auto" (vllm iff urls)
     r.vllm_urls = ""                  # comma-separated server base URLs (launchers/vllm_server.sh)
-    r.weights_dir = ""                # where the policy is written for the servers (shared FS)
-    r.timeout_s = 3600.0              # per HTTP request
+    r.weights_dir = ""                # where the policy is written for the servers (shared FS;
+                                      # default <workdir>/vllm_weights)
+    r.server_weights_dir = ""         # weights_dir as the servers see it, if mounted elsewhere
+    r.timeout_s = 3600.0              # per HTTP request (a generation request is not streamed)
+    r.health_timeout_s = 900.0        # how long to wait for a server that refuses connections
+                                      # (still loading) or is paused; a line every 30 s
     r.n = 16                          # responses per prompt (group size)
-    r.temperature = 1.2               # sampling temperature (also used for the trainer's log-probs)
+    r.temperature = 1.2               # sampling temperature (also used for the trainer's log-probs;
+                                      # vLLM engines take [0, 2])
     r.top_p = 1.0                     # nucleus; <1 biases the importance ratio
     r.max_response_tokens = 8192      # 8k, then 16k in the last stage
     r.old_logp_source = "trainer"     # "trainer" (recompute) or "sampler" (the engine's own)

@@ -116,14 +116,21 @@ def build_engine(cfg, model: Qwen2ForCausalLM, mesh, *, pad_id: int, workdir: st
     if r.engine == "vllm" or (r.engine == "auto" and urls):
         from prorl_jax.models import save_pretrained
         from prorl_jax.rollout import VLLMClient
+        from prorl_jax.rollout.vllm_settings import VLLMSettings
+        stages = config_lib.parse_stages(cfg)
+        settings = VLLMSettings.from_config(
+            cfg, [config_lib.stage_config(cfg, stages, i) for i in range(len(stages))],
+            workdir=workdir)
         model_cfg = model.config
-        weights_dir = r.weights_dir or os.path.join(workdir, "vllm_weights")
 
         def write(params, path):
             save_pretrained(params, path, config=model_cfg, dtype=jnp.bfloat16)
 
         def make_client():
-            return VLLMClient(base_urls=urls, weights_dir=weights_dir, timeout_s=r.timeout_s,
+            return VLLMClient(base_urls=list(settings.urls), weights_dir=settings.weights_dir,
+                              timeout_s=settings.timeout_s,
+                              health_timeout_s=settings.health_timeout_s,
+                              server_weights_dir=settings.server_weights_dir or None,
                               weight_writer=write)
 
         if jax.process_count() == 1:
@@ -132,7 +139,8 @@ def build_engine(cfg, model: Qwen2ForCausalLM, mesh, *, pad_id: int, workdir: st
         # others only take part in the gathers of the sharded weights while they are written.
         from prorl_jax.rollout.multihost import ProcessZeroEngine
         return ProcessZeroEngine(make_client,
-                                 take_part_in_write=lambda params: write(params, weights_dir))
+                                 take_part_in_write=lambda params: write(params,
+                                                                         settings.weights_dir))
     from prorl_jax.rollout import JaxSampler
     return JaxSampler(model, max_prompt_len=cfg.data.max_prompt_tokens,
                       max_new_tokens=max_new_tokens, pad_id=pad_id, mesh=mesh)

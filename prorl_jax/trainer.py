@@ -25,6 +25,7 @@ from prorl_jax import config as config_lib
 from prorl_jax.checkpoint import Checkpointer
 from prorl_jax.metrics import MetricsWriter, PhaseTimer, console_line
 from prorl_jax.models import config_to_hf
+from prorl_jax.rollout.vllm_sync import WeightSyncError
 from prorl_jax.sharding import (MeshConfig, global_batch, host_row_slice, make_mesh,
                                 tree_shardings)
 from prorl_jax.train_state import (abstract_state, init_train_state, make_optimizer,
@@ -115,7 +116,7 @@ class Trainer:
         with timer("update"):                                 # 8: one optimizer step each
             updates = self.update(minis)
         with timer("sync"):                                   # the sampler gets the new policy
-            self.engine.update_weights(self.state.params, step + 1)
+            self._sync_weights(step + 1)
         metrics.update(_mean_update_metrics(updates, tokens))
         metrics["loss_tokens"] = sum(tokens)
         metrics.update(_mismatch_metrics(minis))
@@ -215,6 +216,19 @@ class Trainer:
             updates.append(m)
         jax.block_until_ready(self.state)  # async dispatch: charge the time to this phase
         return updates
+
+    def _sync_weights(self, version: int) -> None:
+        """The engine serves the new policy; a failed sync (servers on other or unknown
+        weights) stops the run with a checkpoint of this step, and an error naming them."""
+        try:
+            self.engine.update_weights(self.state.params, version)
+        except WeightSyncError as e:
+            self.step = version
+            self.save(version)
+            self.checkpoints.wait_until_finished()
+            raise WeightSyncError(f"{e}. Stopped with a checkpoint of step {version} in "
+                                  f"{self.workdir}/checkpoints: restart the server(s) named and "
+                                  f"resume", e.servers) from e
 
     def _skipped(self, step: int, metrics: dict, timer: PhaseTimer, why: str) -> dict:
         logging.warning("step %d: %s; no update", step, why)

@@ -25,7 +25,8 @@ def main(coordinator: str, process_id: int, url: str, out_dir: str) -> None:
         lambda: VLLMClient([url], os.path.join(out_dir, "weights"), timeout_s=10.0,
                            health_timeout_s=10.0, weight_writer=writer),
         take_part_in_write=take_part)
-    params = {"model.embed_tokens.weight": np.ones((2, 3), np.float32)}
+    params = {"model.embed_tokens.weight": np.ones((2, 3), np.float32),  # the double's tensors
+              "lm_head.weight": np.ones((3, 2), np.float32)}
     engine.update_weights(params, 1)
     batch = engine.generate([[1, 2, 3], [4, 5]], n=2, temperature=1.2, top_p=1.0,
                             max_new_tokens=5, stop_token_ids=[0], seed=3)

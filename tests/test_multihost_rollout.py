@@ -40,8 +40,8 @@ def test_process_zero_engine_talks_once_and_broadcasts(tmp_path):
                  and "load" in json.dumps(r["body"])]
     batches = [json.load(open(tmp_path / f"batch_{i}.json")) for i in range(2)]
     assert batches[0] == batches[1] and len(batches[0]["token_ids"]) == 4
-    # One client's traffic: the start-up log-prob check (2 requests) plus one generation request.
-    assert len(completions) == 3, completions
+    # One client's traffic: the start-up log-prob check (2 requests) plus one request per prompt.
+    assert len(completions) == 4, completions
     assert len(loads) == 1 and server.weight_version == 1
     assert (tmp_path / "took_part_1").exists() and not (tmp_path / "took_part_0").exists()
 

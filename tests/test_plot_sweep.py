@@ -191,6 +191,7 @@ def test_slurm_launcher_starts_servers_and_trainer(tmp_path):
                 'sleep 0.05; done; exit 7\n',
         "fakevllm": f'echo "vllm CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES $*" >> {log}\n',
         "fakepython": f'echo "trainer $*" >> {log}\n',
+        "getent": 'echo "10.0.0.3       STREAM $2"\n',  # the node's cluster address
     })
     env = dict(os.environ, PATH=path, SLURM_JOB_NODELIST="gpu[01-03]", SLURM_SUBMIT_DIR=ROOT,
                MODEL_PATH="/models/m", WORKDIR=str(tmp_path / "run"), TRAIN_NODES="2",
@@ -205,6 +206,7 @@ def test_slurm_launcher_starts_servers_and_trainer(tmp_path):
     for s, gpus in enumerate(["0,1", "2,3", "4,5", "6,7"]):
         assert servers[s].startswith(f"vllm CUDA_VISIBLE_DEVICES={gpus} serve /models/m")
         assert f"--port {8000 + s}" in servers[s] and "--tensor-parallel-size 2" in servers[s]
+        assert "--host 10.0.0.3 " in servers[s]  # bound to that address, not 0.0.0.0
     trainer = [c for c in calls if c.startswith("trainer")]
     assert trainer == [
         "trainer -m prorl_jax.main --config=configs/prorl.py "

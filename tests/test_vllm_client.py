@@ -1,9 +1,9 @@
-"""VLLMClient against the vLLM test double (tests/vllm_double.py), the protocol functions on
-hand-made answers, the worker extension on a fake model runner, and the server launcher."""
-import json
+"""VLLMClient's generation and start-up against the vLLM test double (tests/vllm_double.py),
+and the protocol functions on hand-made answers. Weight syncs: test_vllm_sync.py; the real
+server: test_vllm_real.py."""
+import logging
 import os
-import subprocess
-import sys
+import threading
 import time
 import warnings
 
@@ -12,15 +12,12 @@ import pytest
 import safetensors.numpy
 
 from prorl_jax.rollout import VLLMClient
-from prorl_jax.rollout.vllm_http import VLLMServerError, request_json
+from prorl_jax.rollout.vllm_http import VLLMServerError, request_json, wait_for_health
 from prorl_jax.rollout.vllm_protocol import (completion_request, logprobs_mode_verdict,
-                                             parse_completion_response)
-from prorl_jax.rollout.vllm_worker import (EXTENSION_CLS, LOAD_METHOD, VERSION_FILE,
-                                           VERSION_METHOD, WeightSyncExtension)
+                                             parse_completion_response, prompt_seeds)
 from tests.vllm_double import VLLMDouble, double_logits, sample_choice
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10], [11, 12]]
+PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [1, 2, 3], [11, 12]]  # 0 and 3 alike on purpose
 GEN = dict(n=3, temperature=1.2, top_p=1.0, max_new_tokens=6, stop_token_ids=[0, 1, 2],
            seed=7)
 PARAMS_V1 = {"model.embed_tokens.weight": np.arange(6, dtype=np.float32).reshape(2, 3),
@@ -52,6 +49,16 @@ def completion_bodies(double):
 
 
 # ---- the protocol on hand-made answers ---------------------------------------------------
+def test_prompt_seeds_are_distinct_reproducible_and_worked_by_hand():
+    # splitmix64's first output for state 0 is 0xE220A8397B1DCDAF (Steele et al., 2014)
+    base = 0xE220A8397B1DCDAF % 2 ** 61
+    assert prompt_seeds(0, 3, 16) == [base, base + 16, base + 32]
+    seeds = prompt_seeds(12345, 256, 16)
+    samples = {s + j for s in seeds for j in range(16)}  # vLLM: sample j gets seed + j
+    assert len(samples) == 256 * 16 and max(samples) < 2 ** 62
+    assert seeds == prompt_seeds(12345, 256, 16) and seeds != prompt_seeds(12346, 256, 16)
+
+
 def test_completion_request_sends_every_sampling_field():
     body = completion_request("m", [[1, 2]], n=16, temperature=1.2, top_p=1.0,
                               max_new_tokens=8, stop_token_ids=[151643], seed=3)
@@ -129,24 +136,29 @@ def test_logprobs_mode_verdict_on_worked_logits():
 
 
 # ---- generation against the double -------------------------------------------------------
+def expected_rows(prompt, seed, n, key, vocab=32):
+    """The double's samples of `prompt` with request seed `seed`, worked independently."""
+    params = dict(temperature=GEN["temperature"], top_p=1.0, max_tokens=GEN["max_new_tokens"],
+                  k=0, stop_token_ids=GEN["stop_token_ids"], ignore_eos=False)
+    return [sample_choice(prompt, seed + j, params, key, vocab, None, "processed_logprobs")
+            for j in range(n)]
+
+
 def test_generate_rows_match_double_and_independent_logprobs(servers, tmp_path):
     client = make_client(servers, tmp_path)
     batch = client.generate(PROMPTS, **GEN)
-    n, temperature = GEN["n"], GEN["temperature"]
+    n, temperature, key = GEN["n"], GEN["temperature"], servers[0].key
     assert batch.n == n and batch.num_prompts == len(PROMPTS) and batch.weight_version == 0
-    params = dict(temperature=temperature, top_p=1.0, max_tokens=GEN["max_new_tokens"], k=0,
-                  stop_token_ids=GEN["stop_token_ids"], ignore_eos=False)
+    seeds = prompt_seeds(GEN["seed"], len(PROMPTS), n)
     reasons = set()
     for i, prompt in enumerate(PROMPTS):
-        for j in range(n):
+        for j, ref in enumerate(expected_rows(prompt, seeds[i], n, key)):
             row = i * n + j
-            ref = sample_choice(prompt, GEN["seed"] + j, params, 0, 32, None,
-                                "processed_logprobs")
             assert batch.token_ids[row] == ref["ids"], row
             # log-probs recomputed here from the double's logits: log softmax(z / T)[token]
             ctx, expected = list(prompt), []
             for tok in ref["ids"]:
-                expected.append(_log_softmax(double_logits(ctx, 0, 32) / temperature)[tok])
+                expected.append(_log_softmax(double_logits(ctx, key, 32) / temperature)[tok])
                 ctx.append(tok)
             np.testing.assert_allclose(batch.logprobs[row], expected, rtol=1e-6, atol=1e-6)
             stopped = batch.token_ids[row][-1] in GEN["stop_token_ids"]
@@ -156,9 +168,12 @@ def test_generate_rows_match_double_and_independent_logprobs(servers, tmp_path):
             reasons.add(batch.finish_reasons[row])
     assert reasons == {"stop", "length"}  # both paths exercised by this seed
     assert len({tuple(batch.token_ids[j]) for j in range(n)}) > 1  # samples of prompt 0 differ
+    assert batch.token_ids[:n] != batch.token_ids[3 * n:4 * n]  # identical prompts, own noise
     assert batch.timing["generate_s"] > 0
-    body = completion_bodies(servers[0])[-1]
-    assert body == completion_request("double-model", PROMPTS, **GEN)
+    bodies = sorted((b for b in completion_bodies(servers[0]) if b["logprobs"] == 0),
+                    key=lambda b: b["seed"])  # they arrive in any order
+    assert bodies == [completion_request("double-model", [p], **{**GEN, "seed": s})
+                      for p, s in zip(PROMPTS, seeds)]  # one request per prompt, own seed
     client.close()
 
 
@@ -175,56 +190,83 @@ def test_older_server_without_token_ids_gives_the_same_batch(servers, tmp_path):
 
 
 @pytest.mark.parametrize("servers", [[{}, {}]], indirect=True)
-def test_batches_split_across_two_servers_equal_one_request(servers, tmp_path):
-    split = make_client(servers, tmp_path, max_prompts_per_request=2)
+def test_batches_split_across_two_servers_equal_one_server(servers, tmp_path):
+    split = make_client(servers, tmp_path)
     whole = make_client(servers[:1], tmp_path, check_logprobs_mode=False)
     a = split.generate(PROMPTS, **GEN)
-    sizes = [[len(b["prompt"]) for b in completion_bodies(s) if b["logprobs"] == 0]
-             for s in servers]
-    assert sorted(sizes[0] + sizes[1]) == [1, 2, 2] and sizes[0] and sizes[1]
+    counts = [len([b for b in completion_bodies(s) if b["logprobs"] == 0]) for s in servers]
+    assert counts == [3, 2]  # prompt i to server i % 2
     b = whole.generate(PROMPTS, **GEN)
     assert a.token_ids == b.token_ids and a.finish_reasons == b.finish_reasons
 
 
 @pytest.mark.parametrize("servers", [[{"completion_delay_s": 0.5}]], indirect=True)
 def test_requests_of_one_batch_are_in_flight_together(servers, tmp_path):
-    with make_client(servers, tmp_path, check_logprobs_mode=False,
-                     max_prompts_per_request=1) as client:
+    with make_client(servers, tmp_path, check_logprobs_mode=False) as client:
         client.generate(PROMPTS[:4], **GEN)
     assert len(completion_bodies(servers[0])) == 4 and servers[0].max_in_flight >= 2
 
 
 @pytest.mark.parametrize("servers", [[{"start_delay_s": 0.4}]], indirect=True)
-def test_waits_for_health_while_connection_refused(servers, tmp_path):
+def test_waits_for_health_while_connection_refused(servers, tmp_path, caplog):
     start = time.monotonic()
     client = make_client(servers, tmp_path)
     assert time.monotonic() - start >= 0.3
     assert client.model == "double-model" and client.max_model_len == 256
-    assert client.server_versions == ["0.11.2"]
+    assert client.server_versions == ["0.32.0"]
+    assert client.layouts == [{"num_workers": 2, "tensor_parallel_size": 1,
+                               "states": [(None, True), (None, True)]}]
+
+
+@pytest.mark.parametrize("servers", [[{"start_delay_s": 0.6}]], indirect=True)
+def test_refused_connection_wait_logs_progress_lines(servers, caplog):
+    with caplog.at_level(logging.WARNING):
+        waited = wait_for_health(servers[0].url, deadline_s=5.0, poll_s=0.05,
+                                 progress_every_s=0.2)
+    lines = [r.getMessage() for r in caplog.records if "waiting for" in r.getMessage()]
+    assert waited >= 0.5 and 2 <= len(lines) <= 4, lines
+    assert all(servers[0].url in m and "connection refused" in m for m in lines)
 
 
 @pytest.mark.parametrize("servers", [[{"unhealthy_for_s": 30.0}]], indirect=True)
 def test_health_deadline_gives_clear_error(servers, tmp_path):
     start = time.monotonic()
-    with pytest.raises(VLLMServerError, match=rf"{servers[0].url}/health not ready.*HTTP 503"):
+    with pytest.raises(VLLMServerError, match=rf"{servers[0].url}/health \(health_timeout_s=0.5"
+                                              rf"\): not ready after .*HTTP 503"):
         make_client(servers, tmp_path, health_timeout_s=0.5)
     assert time.monotonic() - start < 3.0
+
+
+@pytest.mark.parametrize("url, error, match", [
+    ("http://no-such-host.invalid:8000", VLLMServerError, "does not resolve"),
+    ("ftp://127.0.0.1:8000", ValueError, r"base_urls\[0\]: 'ftp://127.0.0.1:8000' is not an "
+                                         r"http:// or https:// URL"),
+    ("127.0.0.1:8000", ValueError, "is not an http"),
+    ("http://127.0.0.1:99999", ValueError, "bad port"),
+    ("http://127.0.0.1:8000/v1", ValueError, "expected the server's root"),
+])
+def test_bad_urls_fail_at_once(tmp_path, url, error, match):
+    start = time.monotonic()
+    with pytest.raises(error, match=match):
+        VLLMClient([url], str(tmp_path), health_timeout_s=60.0)
+    assert time.monotonic() - start < 5.0
 
 
 @pytest.mark.parametrize("servers", [[{"fail_next_completions": 2}]], indirect=True)
 def test_retries_503_then_succeeds(servers, tmp_path):
     client = make_client(servers, tmp_path, check_logprobs_mode=False, max_retries=2)
-    batch = client.generate(PROMPTS[:2], **GEN)
-    assert len(batch.token_ids) == 2 * GEN["n"]
+    batch = client.generate(PROMPTS[:1], **GEN)
+    assert len(batch.token_ids) == GEN["n"]
     assert len(completion_bodies(servers[0])) == 3
 
 
 @pytest.mark.parametrize("servers", [[{"fail_next_completions": 10}]], indirect=True)
 def test_retries_exhausted_give_clear_error(servers, tmp_path):
     client = make_client(servers, tmp_path, check_logprobs_mode=False, max_retries=2)
-    with pytest.raises(VLLMServerError, match=r"v1/completions failed after 3 attempts "
+    with pytest.raises(VLLMServerError, match=r"v1/completions \(prompt 0\) failed after 3 "
+                                              r"attempts "
                                               r"\(max_retries=2\).*HTTP 503"):
-        client.generate(PROMPTS[:2], **GEN)
+        client.generate(PROMPTS[:1], **GEN)
     assert len(completion_bodies(servers[0])) == 3
 
 
@@ -246,16 +288,27 @@ def test_failed_request_fails_over_to_the_next_server(servers, tmp_path):
     assert [len(completion_bodies(s)) for s in servers] == [1, 1]
 
 
-@pytest.mark.parametrize("servers", [[{"max_prompts_per_request": 2}]], indirect=True)
+@pytest.mark.parametrize("servers", [[{}, {}]], indirect=True)
+def test_a_dead_server_is_named_and_its_prompts_fail_over(servers, tmp_path, caplog):
+    client = make_client(servers, tmp_path, check_logprobs_mode=False, max_retries=1)
+    servers[1].stop()
+    with caplog.at_level(logging.WARNING):
+        batch = client.generate(PROMPTS, **GEN)
+    assert len(batch.token_ids) == len(PROMPTS) * GEN["n"]
+    assert len(completion_bodies(servers[0])) == len(PROMPTS)
+    assert any(servers[1].url in r.getMessage() and "connection refused" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_client_errors_are_not_retried(servers, tmp_path):
-    client = make_client(servers, tmp_path, check_logprobs_mode=False,
-                         max_prompts_per_request=3)
-    with pytest.raises(VLLMServerError, match=r"v1/completions: HTTP 400: .*expected 1..2 prompts"):
-        client.generate(PROMPTS[:3], **GEN)
+    client = make_client(servers, tmp_path, check_logprobs_mode=False)
+    with pytest.raises(VLLMServerError, match=r"v1/completions: HTTP 400: .*Token id 40 is out "
+                                              r"of vocabulary"):
+        client.generate([[40]], **GEN)
     assert len(completion_bodies(servers[0])) == 1
 
 
-def test_bad_prompts_and_model_are_refused_by_name(servers, tmp_path):
+def test_bad_prompts_model_and_temperature_are_refused_by_name(servers, tmp_path):
     client = make_client(servers, tmp_path)
     for prompts, match in [([], "at least one prompt"), ([[1], []], r"prompts\[1\]"),
                            (["abc"], r"prompts\[0\]"), ([[1, -2]], r"prompts\[0\]: expected "
@@ -263,6 +316,8 @@ def test_bad_prompts_and_model_are_refused_by_name(servers, tmp_path):
                            ([[1] * 251], r"prompts\[0\]: 251 prompt tokens.*max_model_len=256")]:
         with pytest.raises(ValueError, match=match):
             client.generate(prompts, **GEN)
+    with pytest.raises(ValueError, match=r"temperature in \[0, 2\] \(vLLM's range\)"):
+        client.generate(PROMPTS, **{**GEN, "temperature": 2.01})
     with pytest.raises(ValueError, match=r"model: 'other' is not served.*double-model"):
         make_client(servers, tmp_path, model="other")
     assert completion_bodies(servers[0]) == []
@@ -290,201 +345,50 @@ def test_logprobs_check_runs_once_at_two_temperatures(servers, tmp_path):
         (5, 1.0, 1), (5, 0.5, 1), (0, 1.2, 6), (0, 1.2, 6)]
 
 
-# ---- weight sync -------------------------------------------------------------------------
-SYNC_PATHS = ["/pause?mode=wait", "/collective_rpc", "/reset_prefix_cache", "/resume",
-              "/collective_rpc"]
+@pytest.mark.parametrize("servers", [[{"server_version": "0.32.0"}],
+                                     [{"server_version": "0.33.0"}]], indirect=True)
+def test_paused_server_is_waited_for_then_named(servers, tmp_path, caplog):
+    """0.32 holds requests sent while paused (0.33 answers 503): the client asks /is_paused
+    first, waits up to health_timeout_s, then names the server; a resume lets it through."""
+    client = make_client(servers, tmp_path, check_logprobs_mode=False, health_timeout_s=0.6)
+    request_json(f"{servers[0].url}/pause?mode=wait", {}, timeout_s=5)
+    start = time.monotonic()
+    with pytest.raises(VLLMServerError, match=rf"{servers[0].url} to resume: not ready after.*"
+                                              r"paused"):
+        client.generate(PROMPTS[:1], **GEN)
+    assert time.monotonic() - start < 2.0 and completion_bodies(servers[0]) == []
+    client.health_timeout_s = 10.0
+    threading.Timer(0.3, lambda: request_json(f"{servers[0].url}/resume", {}, timeout_s=5)).start()
+    assert len(client.generate(PROMPTS[:1], **GEN).token_ids) == GEN["n"]
 
 
-@pytest.mark.parametrize("servers", [[{}, {"num_workers": 3}]], indirect=True)
-def test_weight_sync_order_files_and_version(servers, tmp_path):
-    client = make_client(servers, tmp_path)
-    before = client.generate(PROMPTS[:2], **GEN)
-    client.update_weights(PARAMS_V1, 1)
-    path = str(tmp_path / "weights" / "policy-v1")
-    assert sorted(os.listdir(tmp_path / "weights")) == ["policy-v1"]  # no temp dir left
-    assert json.load(open(os.path.join(path, VERSION_FILE))) == {"weight_version": 1}
-    for s in servers:
-        sync = [r for r in s.requests if r["path"] in ("/pause", "/collective_rpc",
-                                                       "/reset_prefix_cache", "/resume")]
-        assert s.paths(*SYNC_PATHS[:4]) == SYNC_PATHS
-        assert [r["body"]["method"] for r in sync if r["path"] == "/collective_rpc"] == [
-            LOAD_METHOD, VERSION_METHOD]
-        assert sync[1]["body"]["args"] == [path, "1"]
-        assert not s.paused and s.prefix_cache_resets == 1
-        for w in s.workers:
-            assert w.prorl_weight_version() == {"weight_version": 1}
-            assert sorted(w.model_runner.model.weights) == sorted(PARAMS_V1)
-            np.testing.assert_array_equal(w.model_runner.model.weights["lm_head.weight"],
-                                          PARAMS_V1["lm_head.weight"])
-    after = client.generate(PROMPTS[:2], **GEN)
-    assert after.weight_version == 1 and client.weight_version == 1
-    assert after.token_ids != before.token_ids  # the double's logits depend on the version
-    assert set(client.last_sync_timing) == {"write_s", "sync_s"}
-    client.update_weights(PARAMS_V1, 2)
-    assert sorted(os.listdir(tmp_path / "weights")) == ["policy-v2"]  # v1 removed once synced
+@pytest.mark.parametrize("servers", [[{"completion_delay_s": 1.0}]], indirect=True)
+def test_aborted_request_is_an_error_naming_the_server(servers, tmp_path):
+    client = make_client(servers, tmp_path, check_logprobs_mode=False, max_retries=0)
+    threading.Timer(0.3, lambda: request_json(f"{servers[0].url}/pause?mode=abort", {},
+                                              timeout_s=5)).start()
+    with pytest.raises(VLLMServerError, match=rf"{servers[0].url}/v1/completions \(prompt 0\) "
+                                              r"choice 0: finish_reason 'abort'"):
+        client.generate(PROMPTS[:1], **GEN)
 
 
-@pytest.mark.parametrize("servers", [[{"stale_weights": True}]], indirect=True)
-def test_server_still_on_old_version_is_an_error(servers, tmp_path):
-    client = make_client(servers, tmp_path)
-    with pytest.raises(VLLMServerError, match=r"workers report weight versions \[None, None\], "
-                                              r"expected 3"):
-        client.update_weights(PARAMS_V1, 3)
-    assert client.weight_version == 0
+@pytest.mark.parametrize("servers", [[{"completion_delay_s": 1.0}, {}]], indirect=True)
+def test_aborted_request_fails_over_to_another_server(servers, tmp_path):
+    """A server shutting down answers its requests "abort" (seen on the real one): the prompt
+    goes to the next server, after checking it is not paused."""
+    client = make_client(servers, tmp_path, check_logprobs_mode=False, max_retries=1)
+    threading.Timer(0.3, lambda: request_json(f"{servers[0].url}/pause?mode=abort", {},
+                                              timeout_s=5)).start()
+    batch = client.generate(PROMPTS[:1], **GEN)
+    assert len(batch.token_ids) == GEN["n"] and len(completion_bodies(servers[1])) == 1
+    assert servers[1].paths("/is_paused")  # the retry checked the next server first
 
 
-@pytest.mark.parametrize("servers", [[{"fail_rpc_method": LOAD_METHOD}]], indirect=True)
-def test_failed_load_still_resumes_and_reports(servers, tmp_path):
-    client = make_client(servers, tmp_path, max_retries=1)
-    with pytest.raises(VLLMServerError, match=r"collective_rpc failed after 2 attempts"):
-        client.update_weights(PARAMS_V1, 1)
-    assert servers[0].paths("/resume") == ["/resume"] and not servers[0].paused
-    assert servers[0].paths("/reset_prefix_cache") == []
-    assert client.weight_version == 0
-
-
-@pytest.mark.parametrize("servers", [[{"extension": False}], [{"dev_mode": False}]],
-                         indirect=True)
-def test_server_without_extension_or_dev_mode_is_named(servers, tmp_path):
-    client = make_client(servers, tmp_path, max_retries=0)
-    match = ("AttributeError.*prorl_load_weights_from_dir" if servers[0].dev_mode else
-             "no /pause: start it with VLLM_SERVER_DEV_MODE=1")
+@pytest.mark.parametrize("servers, match", [
+    ([{"dp_size": 2}], "data_parallel_size=2.*one server per data-parallel rank"),
+    ([{"extension": False}], "--worker-extension-cls prorl_jax.rollout.vllm_worker"),
+    ([{"dev_mode": False}], "no /collective_rpc: start it with VLLM_SERVER_DEV_MODE=1"),
+], indirect=["servers"])
+def test_server_that_cannot_be_synced_is_refused_at_start_up(servers, tmp_path, match):
     with pytest.raises(VLLMServerError, match=match):
-        client.update_weights(PARAMS_V1, 1)
-    assert not servers[0].paused
-
-
-def test_failed_writer_leaves_nothing_and_calls_no_server(servers, tmp_path):
-    def broken_writer(params, path):
-        open(os.path.join(path, "model.safetensors"), "w").write("half")
-        raise OSError("disk full")
-
-    client = make_client(servers, tmp_path, weight_writer=broken_writer)
-    with pytest.raises(OSError, match="disk full"):
-        client.update_weights(PARAMS_V1, 1)
-    assert os.listdir(tmp_path / "weights") == []
-    assert servers[0].paths("/pause", "/collective_rpc") == []
-    with pytest.raises(ValueError, match="version: expected a non-negative int"):
-        client.update_weights(PARAMS_V1, -1)
-
-
-def test_server_weights_dir_is_the_path_sent(servers, tmp_path):
-    (tmp_path / "weights").mkdir()
-    os.symlink(tmp_path / "weights", tmp_path / "mnt")  # the servers' view of weights_dir
-    client = make_client(servers, tmp_path, server_weights_dir=str(tmp_path / "mnt"))
-    client.update_weights(PARAMS_V1, 4)
-    load = [r for r in servers[0].requests if r["path"] == "/collective_rpc"][0]
-    assert load["body"]["args"] == [str(tmp_path / "mnt" / "policy-v4"), "4"]
-    assert servers[0].weight_version == 4
-
-
-def test_default_writer_syncs_a_qwen2_model_in_bfloat16(servers, tmp_path):
-    import ml_dtypes
-    from prorl_jax.models import PRESETS, hf_tensors, init_model
-
-    model = init_model(PRESETS["tiny"].replace(num_hidden_layers=1), seed=0)
-    client = make_client(servers, tmp_path, weight_writer=None)  # save_pretrained, bf16
-    client.update_weights(model, 2)
-    assert "config.json" in os.listdir(tmp_path / "weights" / "policy-v2")
-    expected = dict(hf_tensors(model, dtype=np.float32))
-    for w in servers[0].workers:
-        got = w.model_runner.model
-        assert sorted(got.weights) == sorted(expected)
-        assert set(got.dtypes.values()) == {"torch.bfloat16"}
-        for name, x in expected.items():
-            bf16 = x.astype(ml_dtypes.bfloat16).astype(np.float32)
-            np.testing.assert_array_equal(got.weights[name], bf16, err_msg=name)
-
-
-# ---- the worker extension ----------------------------------------------------------------
-def test_worker_and_client_import_without_vllm_torch_or_jax():
-    blocker = ("import sys\n"
-               "class Block:\n"
-               "    def find_spec(self, name, path=None, target=None):\n"
-               "        if name.split('.')[0] in ('vllm', 'torch', 'jax', 'flax', 'safetensors'):\n"
-               "            raise ImportError('blocked ' + name)\n"
-               "sys.meta_path.insert(0, Block())\n"
-               "import importlib\n"
-               f"mod, cls = {EXTENSION_CLS!r}.rsplit('.', 1)\n"
-               "print(getattr(importlib.import_module(mod), cls).__name__)\n"
-               "from prorl_jax.rollout import VLLMClient\n")
-    out = subprocess.run([sys.executable, "-c", blocker], cwd=REPO, capture_output=True,
-                         text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "WeightSyncExtension"
-
-
-class _Model:
-    def __init__(self):
-        self.loaded = {}
-
-    def load_weights(self, weights):
-        for name, tensor in weights:
-            self.loaded[name] = tensor.numpy()
-
-
-def _worker():
-    import types
-    worker = WeightSyncExtension()
-    worker.model_runner = types.SimpleNamespace(model=_Model())
-    return worker
-
-
-def test_worker_loads_sharded_directory_with_index(tmp_path):
-    a = {"a.weight": np.arange(4, dtype=np.float32)}
-    b = {"b.weight": np.full((2, 2), 3.5, np.float32), "c.bias": np.zeros(3, np.float32)}
-    safetensors.numpy.save_file(a, str(tmp_path / "model-00001-of-00002.safetensors"))
-    safetensors.numpy.save_file(b, str(tmp_path / "model-00002-of-00002.safetensors"))
-    safetensors.numpy.save_file({"x": np.ones(1, np.float32)}, str(tmp_path / "stray.safetensors"))
-    weight_map = {"a.weight": "model-00001-of-00002.safetensors",
-                  "b.weight": "model-00002-of-00002.safetensors",
-                  "c.bias": "model-00002-of-00002.safetensors"}
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    worker = _worker()
-    assert worker.prorl_weight_version() == {"weight_version": None}
-    assert worker.prorl_load_weights_from_dir(str(tmp_path), "9") == {"weight_version": 9,
-                                                                      "num_tensors": 3}
-    loaded = worker.model_runner.model.loaded
-    assert sorted(loaded) == ["a.weight", "b.weight", "c.bias"]  # index decides, not the glob
-    np.testing.assert_array_equal(loaded["b.weight"], b["b.weight"])
-    assert worker.prorl_weight_version() == {"weight_version": 9}
-
-
-def test_worker_refuses_missing_empty_or_mismatched_directories(tmp_path):
-    worker = _worker()
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        worker.prorl_load_weights_from_dir(str(tmp_path / "nope"), 1)
-    with pytest.raises(FileNotFoundError, match=r"holds no \*.safetensors"):
-        worker.prorl_load_weights_from_dir(str(tmp_path), 1)
-    npz_writer(PARAMS_V1, str(tmp_path))
-    (tmp_path / VERSION_FILE).write_text(json.dumps({"weight_version": 5}))
-    with pytest.raises(ValueError, match="records weight_version=5, but version 6"):
-        worker.prorl_load_weights_from_dir(str(tmp_path), 6)
-    assert worker.prorl_weight_version() == {"weight_version": None}
-    assert worker.model_runner.model.loaded == {}
-
-
-# ---- the launcher ------------------------------------------------------------------------
-def test_launcher_passes_every_flag_the_client_relies_on(tmp_path):
-    script = os.path.join(REPO, "launchers", "vllm_server.sh")
-    assert subprocess.run(["bash", "-n", script]).returncode == 0
-    fake = tmp_path / "vllm"  # prints what `vllm` would have been started with
-    fake.write_text('#!/usr/bin/env bash\necho "DEV=$VLLM_SERVER_DEV_MODE PYTHONPATH=$PYTHONPATH"'
-                    '\nprintf "%s\\n" "$@"\n')
-    fake.chmod(0o755)
-    env = dict(os.environ, VLLM=str(fake), PORT="8123", TP_SIZE="2", DP_SIZE="3",
-               MAX_MODEL_LEN="1024")
-    out = subprocess.run(["bash", script, "/ckpt/qwen", "--enforce-eager"], env=env,
-                         capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0, out.stderr
-    first, *args = out.stdout.splitlines()
-    assert first.startswith("DEV=1 PYTHONPATH=" + REPO)
-    pairs = {(args[k], args[k + 1]) for k in range(len(args) - 1)}
-    assert args[:2] == ["serve", "/ckpt/qwen"] and args[-1] == "--enforce-eager"
-    for flag in [("--worker-extension-cls", EXTENSION_CLS),
-                 ("--logprobs-mode", "processed_logprobs"), ("--generation-config", "vllm"),
-                 ("--port", "8123"), ("--tensor-parallel-size", "2"),
-                 ("--data-parallel-size", "3"), ("--max-model-len", "1024")]:
-        assert flag in pairs, flag
-    usage = subprocess.run(["bash", script], capture_output=True, text=True, timeout=30)
-    assert usage.returncode == 2 and "Usage:" in usage.stdout
+        make_client(servers, tmp_path, max_retries=0)

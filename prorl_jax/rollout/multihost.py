@@ -15,6 +15,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from prorl_jax.rollout.base import RolloutBatch, RolloutEngine
+from prorl_jax.rollout.vllm_http import VLLMServerError
+from prorl_jax.rollout.vllm_sync import WeightSyncError
 
 
 def broadcast_object(obj: Any) -> Any:
@@ -44,19 +46,33 @@ class ProcessZeroEngine(RolloutEngine):
     def generate(self, prompts: Sequence[Sequence[int]], *, n: int, temperature: float,
                  top_p: float, max_new_tokens: int, stop_token_ids: Sequence[int],
                  seed: int) -> RolloutBatch:
-        batch = None
-        if self.is_zero:
-            batch = self.engine.generate(prompts, n=n, temperature=temperature, top_p=top_p,
-                                         max_new_tokens=max_new_tokens,
-                                         stop_token_ids=stop_token_ids, seed=seed)
-        return broadcast_object(batch)
+        return self._on_zero(lambda: self.engine.generate(
+            prompts, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+            stop_token_ids=stop_token_ids, seed=seed))
 
     def update_weights(self, params_or_model: Any, version: int) -> None:
-        if self.is_zero:
-            self.engine.update_weights(params_or_model, version)
-        elif self.take_part_in_write is not None:
+        if not self.is_zero and self.take_part_in_write is not None:
             self.take_part_in_write(params_or_model)
+        self._on_zero(lambda: self.engine.update_weights(params_or_model, version))
         multihost_utils.sync_global_devices(f"prorl_jax weights v{version}")
+
+    def _on_zero(self, call: Callable[[], Any]) -> Any:
+        """call() on process 0, its result broadcast; a server error there is raised on every
+        process (as a VLLMServerError / WeightSyncError with process 0's message), so no
+        process waits for a broadcast that never comes."""
+        result, error = None, None
+        if self.is_zero:
+            try:
+                result = call()
+            except VLLMServerError as e:
+                error = (type(e).__name__, str(e), getattr(e, "servers", {}))
+        result, error = broadcast_object((result, error))
+        if error is not None:
+            name, message, servers = error
+            if name == "WeightSyncError":
+                raise WeightSyncError(message, servers)
+            raise VLLMServerError(message)
+        return result
 
     def close(self) -> None:
         if self.engine is not None:

@@ -1,14 +1,22 @@
 """`VLLMClient`: rollouts from one or more external vLLM servers, with weight sync by files.
 
-Generation: POST /v1/completions with token-id prompts; a batch is cut into requests of at
-most `max_prompts_per_request` prompts (each with all n samples, which share the prompt's KV)
-sent concurrently, request k to server k % num_servers, failing over to the next server.
+Start-up: every URL is checked (scheme, host that resolves) at once; a refused connection is
+waited for (a progress line every 30 s, up to health_timeout_s); every server must run the
+worker extension (vllm_worker.py) and no data parallelism (vllm_sync.check_layout).
+
+Generation: POST /v1/completions with token-id prompts, one request per prompt (all n samples,
+which share the prompt's KV), because vLLM seeds a request, not a prompt: prompt i gets the
+seed `prompt_seeds(seed, P, n)[i]`, and vLLM seeds its sample j with that + j, so every sample
+of a call has its own noise and the same call gives the same samples. Requests are sent
+concurrently, request i to server i % num_servers, failing over to the next server.
 
 Weight sync (docs/vllm.md): the policy is written as HF safetensors to a fresh directory under
-`weights_dir` (temp dir + rename, so a server never reads half a checkpoint), then on every
-server: POST /pause?mode=wait -> /collective_rpc LOAD_METHOD [dir, version] (the worker
-extension in vllm_worker.py) -> /reset_prefix_cache -> /resume, and /collective_rpc
-VERSION_METHOD must report the new version on every worker.
+`weights_dir` (temp dir + rename, so a server never reads half a checkpoint), then every server
+is synced atomically by `vllm_sync.sync_server`: the new weights verified, or the last good
+ones restored and verified, or the server left paused and named in a `WeightSyncError`. After a
+failed sync `generate` refuses until a sync succeeds. `update_weights(..., wait=False)` returns
+once the write has started in a background thread; the servers are synced (a short pause +
+reload) by `finish_update()`, which the next `generate` or `update_weights` calls first.
 """
 from __future__ import annotations
 
@@ -24,12 +32,13 @@ import warnings
 from typing import Any, Callable, Sequence
 
 from prorl_jax.rollout.base import RolloutBatch, RolloutEngine
-from prorl_jax.rollout.vllm_http import (HTTPStatusError, VLLMServerError, call_with_retries,
-                                         request_json, wait_for_health)
-from prorl_jax.rollout.vllm_protocol import (completion_request, first_top_logprobs,
-                                             logprobs_mode_verdict, parse_completion_response)
-from prorl_jax.rollout.vllm_worker import (EXTENSION_CLS, LOAD_METHOD, VERSION_FILE,
-                                           VERSION_METHOD)
+from prorl_jax.rollout.vllm_http import (VLLMServerError, call_with_retries, check_base_url,
+                                         request_json, wait_for_health, wait_until)
+from prorl_jax.rollout.vllm_protocol import (MAX_TEMPERATURE, completion_request,
+                                             first_top_logprobs, logprobs_mode_verdict,
+                                             parse_completion_response, prompt_seeds)
+from prorl_jax.rollout.vllm_sync import WeightSyncError, check_layout, sync_server
+from prorl_jax.rollout.vllm_worker import VERSION_FILE
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +46,8 @@ WeightWriter = Callable[[Any, str], None]
 # The log-prob mode check samples one token at these two temperatures (gap ratio 2).
 CHECK_TEMPERATURES = (1.0, 0.5)
 CHECK_TOP_LOGPROBS = 5
+# Statuses worth retrying for the sync calls: not 500, which is a worker's exception.
+SYNC_RETRY_STATUS = frozenset({429, 502, 503, 504})
 
 
 def default_weight_writer(model: Any, path: str) -> None:
@@ -107,15 +118,12 @@ class VLLMClient(RolloutEngine):
     weights_dir:             where policy-v{version}/ directories are written; must be
                              readable by the servers (shared storage).
     timeout_s:               per HTTP call; generation calls are not streamed, so it must
-                             cover the longest request.
+                             cover the longest request (and a reload of the weights).
     model:                   the served model id; default: the one /v1/models lists.
-    max_prompts_per_request: prompts per /v1/completions request (vLLM caps 1024). The
-                             answer costs ~100 bytes of JSON per generated token (ids,
-                             "token_id:N" strings, log-probs, top log-probs, text), so 16
-                             prompts x n=16 x 8k tokens is already ~200 MB to parse.
     max_retries, backoff_s:  retries after a refused connection, timeout, 429 or 5xx, waiting
                              backoff_s * 2**(attempt-1) seconds before each.
-    health_timeout_s:        how long to wait at start-up for every GET /health to be 200.
+    health_timeout_s:        how long to wait for a server that refuses connections or
+                             answers 503 (at start-up), or that is paused (before a request).
     weight_writer:           writer(params_or_model, dir) of a HF safetensors directory.
     check_logprobs_mode:     before the first generation, refuse a server whose log-probs are
                              not of the tempered distribution (--logprobs-mode).
@@ -124,53 +132,68 @@ class VLLMClient(RolloutEngine):
     """
 
     def __init__(self, base_urls: Sequence[str], weights_dir: str, timeout_s: float = 1800.0,
-                 *, model: str | None = None, max_prompts_per_request: int = 16,
-                 max_retries: int = 3, backoff_s: float = 2.0, health_timeout_s: float = 900.0,
-                 weight_writer: WeightWriter | None = None, check_logprobs_mode: bool = True,
-                 server_weights_dir: str | None = None, max_concurrent_requests: int = 32):
+                 *, model: str | None = None, max_retries: int = 3, backoff_s: float = 2.0,
+                 health_timeout_s: float = 900.0, weight_writer: WeightWriter | None = None,
+                 check_logprobs_mode: bool = True, server_weights_dir: str | None = None,
+                 max_concurrent_requests: int = 32):
         if isinstance(base_urls, str) or not base_urls:
             raise ValueError(f"base_urls: expected a non-empty list of URLs, got {base_urls!r}")
         for name, value in (("timeout_s", timeout_s), ("health_timeout_s", health_timeout_s),
-                            ("max_prompts_per_request", max_prompts_per_request),
                             ("max_concurrent_requests", max_concurrent_requests)):
             if value <= 0:
                 raise ValueError(f"{name}: expected > 0, got {value}")
         if max_retries < 0 or backoff_s < 0:
             raise ValueError(f"max_retries, backoff_s: expected >= 0, got {max_retries}, "
                              f"{backoff_s}")
-        self.base_urls = [u.rstrip("/") for u in base_urls]
+        self.base_urls = [check_base_url(u, f"base_urls[{i}]") for i, u in enumerate(base_urls)]
         self.weights_dir = weights_dir
         self.server_weights_dir = server_weights_dir
-        self.timeout_s = float(timeout_s)
-        self.max_prompts_per_request = int(max_prompts_per_request)
+        self.timeout_s, self.health_timeout_s = float(timeout_s), float(health_timeout_s)
         self.max_retries, self.backoff_s = int(max_retries), float(backoff_s)
         self.weight_writer = weight_writer or default_weight_writer
         self.weight_version = 0
         self.last_sync_timing: dict[str, float] = {}
         self._logprobs_checked = not check_logprobs_mode
-        self._check_lock = threading.Lock()
-        self._weights_path: str | None = None
+        self._lock = threading.RLock()  # one update at a time; generate waits for it
+        self._pending: tuple[concurrent.futures.Future, int, float] | None = None
+        self._broken: str | None = None  # why the servers' weights are not the policy's
+        self._weights_path: str | None = None  # last good directory (here) and its version
+        self._good: tuple[str, int | None] = ("", None)  # ... as the servers see it
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max_concurrent_requests, thread_name_prefix="vllm-client")
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vllm-write")
         waits = [self._pool.submit(wait_for_health, u, deadline_s=health_timeout_s)
                  for u in self.base_urls]  # servers load in parallel: wait for all at once
         for url, waited in zip(self.base_urls, waits):
             log.info("%s healthy after %.1fs", url, waited.result())
         self.model, self.max_model_len = self._served_model(model)
         self.server_versions = [self._server_version(u) for u in self.base_urls]
+        self.layouts = [check_layout(self._poster(u), u) for u in self.base_urls]
 
-    # ---- start-up -------------------------------------------------------------------------
-    def _get(self, url: str, what: str) -> Any:
+    # ---- HTTP -----------------------------------------------------------------------------
+    def _get(self, url: str) -> Any:
         return call_with_retries(lambda u: request_json(u, timeout_s=self.timeout_s), [url],
-                                 what=what, max_retries=self.max_retries,
+                                 what=f"GET {url}", max_retries=self.max_retries,
                                  backoff_s=self.backoff_s)
 
+    def _post(self, path: str, body: Any, urls: Sequence[str],
+              retry_status: frozenset | None = None) -> Any:
+        """POST with retries; on failure the next try goes to the next of `urls`."""
+        return call_with_retries(
+            lambda u: request_json(f"{u}{path}", body, timeout_s=self.timeout_s),
+            urls, what=f"POST {urls[0]}{path}", max_retries=self.max_retries,
+            backoff_s=self.backoff_s, retry_status=retry_status)
+
+    def _poster(self, url: str) -> Callable[[str, Any], Any]:
+        """post(path, body) to `url` for the sync calls (a 500 is not retried)."""
+        return lambda path, body: self._post(path, body, [url], SYNC_RETRY_STATUS)
+
+    # ---- start-up -------------------------------------------------------------------------
     def _served_model(self, model: str | None) -> tuple[str, int | None]:
         """(model id, smallest max_model_len) served by every server, from GET /v1/models."""
         lens = []
         for url in self.base_urls:
-            served = {m.get("id"): m for m in (self._get(f"{url}/v1/models",
-                                                         f"GET {url}/v1/models") or {}
+            served = {m.get("id"): m for m in (self._get(f"{url}/v1/models") or {}
                                                ).get("data", [])}
             if not served:
                 raise VLLMServerError(f"{url}/v1/models lists no model")
@@ -202,7 +225,7 @@ class VLLMClient(RolloutEngine):
                 body = completion_request(self.model, [prompt_ids], n=1, temperature=temperature,
                                           top_p=1.0, max_new_tokens=1, stop_token_ids=[],
                                           seed=0, top_logprobs=CHECK_TOP_LOGPROBS)
-                resp = self._post(url, "/v1/completions", body)
+                resp = self._post("/v1/completions", body, [url])
                 tops.append(first_top_logprobs(resp, f"{url}/v1/completions"))
             verdict = logprobs_mode_verdict(*tops, *CHECK_TEMPERATURES)
             if verdict in ("raw", "logits"):
@@ -217,12 +240,53 @@ class VLLMClient(RolloutEngine):
         self._logprobs_checked = True
 
     # ---- generation -----------------------------------------------------------------------
-    def _post(self, url: str, path: str, body: Any, *, urls: Sequence[str] | None = None) -> Any:
-        """POST with retries; on failure the next try goes to the next of `urls` (default url)."""
-        return call_with_retries(
-            lambda u: request_json(f"{u}{path}", body, timeout_s=self.timeout_s),
-            urls or [url], what=f"POST {url}{path}", max_retries=self.max_retries,
-            backoff_s=self.backoff_s)
+    def _wait_until_resumed(self, url: str) -> None:
+        """Waits (progress lines, up to health_timeout_s) while `url` reports is_paused, since
+        vLLM 0.32 holds a request sent to a paused server until /resume, however long. A
+        server that cannot be asked is only logged: its requests fail over to the others."""
+        def check() -> str | None:
+            try:
+                paused = (request_json(f"{url}/is_paused", timeout_s=self.timeout_s) or {}
+                          ).get("is_paused")
+            except VLLMServerError as e:
+                log.warning("%s: cannot ask /is_paused (%s); its requests go to the other "
+                            "servers", url, e)
+                return None
+            return "paused (POST /resume, or restart it)" if paused else None
+
+        wait_until(check, what=f"{url} to resume", deadline_s=self.health_timeout_s)
+
+    def _ready_version(self) -> int:
+        """Finishes a pending update, refuses after a failed sync, waits out paused servers;
+        returns the weight version the servers now serve."""
+        with self._lock:
+            self.finish_update()
+            if self._broken is not None:
+                raise WeightSyncError(f"the servers do not serve the policy's weights (an "
+                                      f"earlier sync failed: {self._broken}); a successful "
+                                      f"update_weights must come first", {})
+            for url in self.base_urls:
+                self._wait_until_resumed(url)
+            return self.weight_version
+
+    def _sample_prompt(self, body: dict, urls: Sequence[str], index: int) -> tuple:
+        """One prompt's request and its parsed answer, on urls[0] first. A failure (no
+        connection, 5xx, an unusable answer, choices ended "abort" by a server shutting down
+        or paused) is retried on the next server; a retry first waits out a paused server,
+        since vLLM 0.32 would hold the request until /resume."""
+        tried: list[str] = []
+
+        def attempt(url: str) -> tuple:
+            if tried:
+                self._wait_until_resumed(url)
+            tried.append(url)
+            resp = request_json(f"{url}/v1/completions", body, timeout_s=self.timeout_s)
+            return parse_completion_response(resp, 1, body["n"], body["max_tokens"],
+                                             f"{url}/v1/completions (prompt {index})")
+
+        return call_with_retries(attempt, urls, what=f"POST {urls[0]}/v1/completions (prompt "
+                                 f"{index})", max_retries=self.max_retries,
+                                 backoff_s=self.backoff_s)
 
     def generate(self, prompts: Sequence[Sequence[int]], *, n: int, temperature: float,
                  top_p: float, max_new_tokens: int, stop_token_ids: Sequence[int],
@@ -230,101 +294,104 @@ class VLLMClient(RolloutEngine):
         """Samples n responses per prompt across the servers; rows prompt-major (i*n + j)."""
         if n < 1 or max_new_tokens < 1:
             raise ValueError(f"n, max_new_tokens: expected >= 1, got {n}, {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"temperature >= 0 and 0 < top_p <= 1 expected, got "
-                             f"{temperature}, {top_p}")
+        if not 0 <= temperature <= MAX_TEMPERATURE or not 0 < top_p <= 1:
+            raise ValueError(f"temperature in [0, {MAX_TEMPERATURE:g}] (vLLM's range) and "
+                             f"0 < top_p <= 1 expected, got {temperature}, {top_p}")
         check_prompts(prompts, max_new_tokens, self.max_model_len)
-        with self._check_lock:
+        version = self._ready_version()
+        with self._lock:
             if not self._logprobs_checked:
                 self.verify_processed_logprobs(prompts[0])
         start = time.perf_counter()
-        step, num_servers = self.max_prompts_per_request, len(self.base_urls)
+        num_servers = len(self.base_urls)
         futures = []
-        for k, lo in enumerate(range(0, len(prompts), step)):
-            chunk = prompts[lo:lo + step]
-            body = completion_request(self.model, chunk, n=n, temperature=temperature,
+        for i, (prompt, prompt_seed) in enumerate(zip(prompts, prompt_seeds(seed, len(prompts),
+                                                                            n))):
+            body = completion_request(self.model, [prompt], n=n, temperature=temperature,
                                       top_p=top_p, max_new_tokens=max_new_tokens,
-                                      stop_token_ids=stop_token_ids, seed=seed)
-            urls = self.base_urls[k % num_servers:] + self.base_urls[:k % num_servers]
-            futures.append((len(chunk), lo, self._pool.submit(
-                self._post, urls[0], "/v1/completions", body, urls=urls)))
+                                      stop_token_ids=stop_token_ids, seed=prompt_seed)
+            urls = self.base_urls[i % num_servers:] + self.base_urls[:i % num_servers]
+            futures.append(self._pool.submit(self._sample_prompt, body, urls, i))
         token_ids, logprobs, reasons = [], [], []
-        for size, lo, future in futures:
-            ids, lps, rs = parse_completion_response(
-                future.result(), size, n, max_new_tokens,
-                f"/v1/completions for prompts {lo}..{lo + size - 1}")
+        for future in futures:
+            ids, lps, rs = future.result()
             token_ids += ids
             logprobs += lps
             reasons += rs
         return RolloutBatch(prompt_ids=[list(map(int, p)) for p in prompts],
                             token_ids=token_ids, logprobs=logprobs, finish_reasons=reasons,
-                            n=n, weight_version=self.weight_version,
+                            n=n, weight_version=version,
                             timing={"generate_s": time.perf_counter() - start})
 
     # ---- weight sync ----------------------------------------------------------------------
-    def _rpc(self, url: str, method: str, args: list[str]) -> list[dict]:
-        """POST /collective_rpc; returns the per-worker `results`, each a dict."""
-        body = {"method": method, "args": args, "kwargs": {}, "timeout": self.timeout_s}
-        resp = self._post(url, "/collective_rpc", body)
-        results = resp.get("results") if isinstance(resp, dict) else None
-        if (not isinstance(results, list) or not results
-                or not all(isinstance(r, dict) for r in results)):
-            raise VLLMServerError(f"{url}/collective_rpc {method}: expected 'results' with one "
-                                  f"object per worker, got {resp!r:.200} (is the server "
-                                  f"started with --worker-extension-cls {EXTENSION_CLS}?)")
-        return results
+    def update_weights(self, params_or_model: Any, version: int, *, wait: bool = True) -> None:
+        """Writes the policy to weights_dir and makes every server serve it (module docstring).
 
-    def _sync_server(self, url: str, path: str, version: int) -> None:
-        """pause(wait) -> load -> reset_prefix_cache -> resume on one server, then the check."""
-        try:
-            self._post(url, "/pause?mode=wait", {})
-        except HTTPStatusError as e:
-            if e.status == 404:
-                raise VLLMServerError(f"{url} has no /pause: start it with "
-                                      f"VLLM_SERVER_DEV_MODE=1 (launchers/vllm_server.sh), on a "
-                                      f"vLLM with the pause/resume endpoints ({e})") from e
-            raise
-        try:
-            loaded = self._rpc(url, LOAD_METHOD, [path, str(version)])
-            self._post(url, "/reset_prefix_cache", {})
-        finally:
-            self._post(url, "/resume", {})
-        if any(r.get("num_tensors", 1) == 0 for r in loaded):
-            raise VLLMServerError(f"{url}: a worker loaded no tensor from {path}: {loaded}")
-        served = [r.get("weight_version") for r in self._rpc(url, VERSION_METHOD, [])]
-        if any(v != version for v in served):
-            raise VLLMServerError(f"{url}: after loading {path}, workers report weight "
-                                  f"versions {served}, expected {version} on every worker")
-
-    def update_weights(self, params_or_model: Any, version: int) -> None:
-        """Writes the policy to weights_dir and makes every server load it (module docstring).
-
-        The previous directory is deleted once every server serves the new one. Timings go
-        to `last_sync_timing` (write_s, sync_s).
+        wait=False: returns once the write has started in a background thread (then
+        `params_or_model` must stay valid until it ends: pass host arrays where the next step
+        donates the device buffers); `finish_update()` (called by the next generate or
+        update_weights) syncs the servers. Raises `WeightSyncError` naming the servers that
+        failed, after which generate refuses until a sync succeeds. Timings go to
+        `last_sync_timing` (write_s, sync_s, total_s, max over servers of pause_s / load_s /
+        resume_s).
         """
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
             raise ValueError(f"version: expected a non-negative int, got {version!r}")
-        start = time.perf_counter()
-        path = write_weights_atomically(self.weight_writer, params_or_model, self.weights_dir,
-                                        version)
-        written = time.perf_counter()
+        with self._lock:
+            self.finish_update()
+            start = time.perf_counter()
+            write = self._writer.submit(write_weights_atomically, self.weight_writer,
+                                        params_or_model, self.weights_dir, version)
+            self._pending = (write, version, start)
+            if wait:
+                self.finish_update()
+
+    def finish_update(self) -> None:
+        """Waits for a pending write, then syncs every server to it (no-op when none)."""
+        with self._lock:
+            if self._pending is None:
+                return
+            (write, version, start), self._pending = self._pending, None
+            path = write.result()  # a failed write raises here; no server was touched
+            written = time.perf_counter()
+            self._sync_all(path, version)
+            done = time.perf_counter()
+            self.last_sync_timing.update(write_s=written - start, sync_s=done - written,
+                                         total_s=done - start)
+            log.info("weights v%d served by %d server(s): write %.2fs, sync %.2fs", version,
+                     len(self.base_urls), written - start, done - written)
+
+    def _sync_all(self, path: str, version: int) -> None:
+        """Syncs every server in parallel; keeps the last good directory until all succeed."""
         server_path = path
         if self.server_weights_dir is not None:
             server_path = os.path.join(self.server_weights_dir, os.path.basename(path))
-        futures = [self._pool.submit(self._sync_server, u, server_path, version)
-                   for u in self.base_urls]
-        for future in futures:
-            future.result()
+        futures = {u: self._pool.submit(sync_server, self._poster(u), u, server_path, version,
+                                        self._good) for u in self.base_urls}
+        failed, timings = {}, []
+        for url, future in futures.items():
+            try:
+                timings.append(future.result())
+            except WeightSyncError as e:
+                failed[url] = str(e)
+            except VLLMServerError as e:
+                failed[url] = f"{url}: {e} (weights v{version} not loaded)"
+        self.last_sync_timing = ({k: max(t[k] for t in timings) for k in timings[0]}
+                                 if timings else {})
+        if failed:
+            if path != self._weights_path:
+                shutil.rmtree(path, ignore_errors=True)
+            self._broken = "; ".join(failed.values())
+            raise WeightSyncError(f"weight sync to v{version} failed on {len(failed)} of "
+                                  f"{len(self.base_urls)} server(s): {self._broken}", failed)
         if self._weights_path not in (None, path):
             shutil.rmtree(self._weights_path, ignore_errors=True)
-        self._weights_path, self.weight_version = path, version
-        self.last_sync_timing = {"write_s": written - start,
-                                 "sync_s": time.perf_counter() - written}
-        log.info("weights v%d served by %d server(s): write %.2fs, sync %.2fs", version,
-                 len(self.base_urls), *self.last_sync_timing.values())
+        self._weights_path, self._good = path, (server_path, version)
+        self.weight_version, self._broken = version, None
 
     def close(self) -> None:
-        """Stops the request threads (the servers keep running)."""
+        """Stops the request and writer threads (the servers keep running)."""
+        self._writer.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> "VLLMClient":

@@ -12,6 +12,23 @@ from prorl_jax.rollout.vllm_http import VLLMServerError
 
 TOKEN_ID_PREFIX = "token_id:"  # logprob tokens with return_tokens_as_token_ids
 MIN_LOGPROB = -9999.0          # vLLM clamps log-probs here
+MAX_TEMPERATURE = 2.0          # vLLM refuses a temperature above this with HTTP 400
+_SEED_SPAN = 2 ** 61           # request seeds stay below 2**62: vLLM wants int64 seeds
+
+
+def prompt_seeds(seed: int, num_prompts: int, n: int) -> list[int]:
+    """The request seed of each of `num_prompts` prompts sampled n times with call seed `seed`.
+
+    vLLM seeds a request (all its prompts alike) and gives sample j the seed + j, so prompt i
+    gets base + i*n with base = splitmix64(seed) mod 2**61: the num_prompts*n samples of one
+    call all get distinct seeds (two identical prompts get independent samples), and the same
+    (seed, i) always the same seed.
+    """
+    z = (int(seed) + 0x9E3779B97F4A7C15) % 2 ** 64  # splitmix64 (Steele et al. 2014)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2 ** 64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2 ** 64
+    base = (z ^ (z >> 31)) % _SEED_SPAN
+    return [base + i * n for i in range(num_prompts)]
 
 
 def completion_request(model: str, prompts: Sequence[Sequence[int]], *, n: int,
@@ -22,8 +39,8 @@ def completion_request(model: str, prompts: Sequence[Sequence[int]], *, n: int,
 
     Every sampling field is sent, since fields left out are filled from the model's
     generation_config on the server. `logprobs=top_logprobs` (0: the sampled token only).
-    With n > 1, vLLM seeds sample j with seed + j, so a prompt's samples do not depend on which
-    request (or server) carried it.
+    vLLM seeds sample j with seed + j and every prompt of the request alike: send one prompt
+    per seeded request (seeds from `prompt_seeds`), so that no two prompts share noise.
     """
     return {
         "model": model,
@@ -98,7 +115,8 @@ def parse_choice(choice: dict, max_new_tokens: int,
     reason = choice.get("finish_reason")
     if reason not in (FINISH_STOP, FINISH_LENGTH):
         raise VLLMServerError(f"{where}: finish_reason {reason!r}, expected 'stop' or "
-                              f"'length' (an 'abort' means the server dropped the request)")
+                              f"'length' (an 'abort' means the server dropped the request: it "
+                              f"is shutting down, or was paused with mode=abort)")
     return list(ids), lps, reason
 
 
