@@ -7,9 +7,12 @@ With d = ref_logp - logp (per token; ref_logp is a constant: gradients flow thro
     k3 = exp(d) - d - 1                       (unbiased, >= 0, "low_var_kl", ProRL's choice);
                                                d clamped to [-20, 20], result to [-10, 10] (verl)
 
-A kind with a trailing "+" ("k1+", "k3+") is straight-through: its value is that estimator's and
-its gradient is k2's (d(k2)/d(logp) = logp - ref_logp, the gradient of the true KL's
-second-order expansion), computed as k2 + stop_gradient(k - k2).
+A kind with a trailing "+" ("k1+", "k3+"; verl's "kl+"/"low_var_kl+") is straight-through: its
+value is that estimator's and its gradient is k2's (d(k2)/d(logp) = logp - ref_logp, the gradient
+of the true KL's second-order expansion), computed as k2 + stop_gradient(k - k2). ("k2+" would be
+k2 itself, so it is not a kind.) All five are choices of `loss.kl_kind`.
+
+The clamps pass the gradient on their closed intervals, as torch.clamp does (`_ops.clamp`).
 """
 from __future__ import annotations
 
@@ -17,8 +20,9 @@ import jax
 import jax.numpy as jnp
 
 from prorl_jax.loss._checks import check_choice, check_same_shape
+from prorl_jax.loss._ops import clamp
 
-KL_KINDS = ("k1", "k2", "k3", "k1+", "k2+", "k3+")
+KL_KINDS = ("k1", "k2", "k3", "k1+", "k3+")
 LOG_RATIO_CLAMP = 20.0   # |d| bound before exp in k3
 K3_CLAMP = 10.0          # |k3| bound
 
@@ -28,8 +32,8 @@ def _estimator(d, kind: str):
         return -d
     if kind == "k2":
         return 0.5 * d**2
-    d = jnp.clip(d, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    return jnp.clip(jnp.exp(d) - d - 1.0, -K3_CLAMP, K3_CLAMP)
+    d = clamp(d, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return clamp(jnp.exp(d) - d - 1.0, -K3_CLAMP, K3_CLAMP)
 
 
 def kl_estimate(logp, ref_logp, kind: str = "k3"):
