@@ -6,7 +6,8 @@
 
 Every field is documented here, where it is defined, with the paper's value (ProRL, arXiv
 2505.24864; see shared/docs/algorithm.md). `prorl_jax.config.validate` checks every field at
-start-up and names the one that is wrong.
+start-up and names the one that is wrong; each field's choices or range are declared on the
+dataclass of the component that reads it (the table in prorl_jax/config.py).
 """
 import ml_collections
 
@@ -74,7 +75,8 @@ def paper_config() -> ml_collections.ConfigDict:
     l.eps_high = 0.4                  # clip-higher (DAPO): r <= 1 + eps_high
     l.clip_c = 0.0                    # dual clip c (>1) for A < 0; 0 disables
     l.beta = 1e-4                     # KL coefficient
-    l.kl_kind = "k3"                  # "k1", "k2", "k3" (low-variance KL, ProRL)
+    l.kl_kind = "k3"                  # "k1", "k2", "k3" (low-variance KL, ProRL); "k1+", "k2+",
+                                      # "k3+": that value with k2's gradient (straight-through)
     l.agg_mode = "token-mean"         # token-mean | seq-mean-token-mean | seq-mean-token-sum |
                                       # seq-mean-token-sum-norm
     l.norm_len = 0                    # the fixed length of seq-mean-token-sum-norm (0: max resp.)
@@ -85,8 +87,9 @@ def paper_config() -> ml_collections.ConfigDict:
     c.reward = w = ml_collections.ConfigDict()
     w.think_mode = "require"          # "require": no </think> -> unanswered (0); "optional"
     w.overlong_filter = True          # truncated responses are masked out of the loss
-    w.truncated_reward = -1.0         # >=0: reward given to truncated responses ("stop
-                                      # properly" penalty); <0: keep the verifier's reward
+    w.truncated_reward = ml_collections.config_dict.placeholder(float)  # the reward of a
+                                      # truncated response ("stop properly" penalty, e.g. 0.0);
+                                      # None: keep the verifier's reward
     w.soft_overlong_buffer = 0        # DAPO soft overlong penalty buffer in tokens (0: off)
     w.soft_overlong_factor = 1.0      # its maximum penalty
     w.num_workers = 0                 # scoring processes (0: all cores)

@@ -14,24 +14,75 @@ B = groups * n rows (prompt-major), T = a multiple of `length_bucket` (one compi
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from prorl_jax import loss
-from prorl_jax.rollout.base import RolloutBatch
+from prorl_jax.fields import ConfigError, Section, above, at_least, field, int_at_least
+from prorl_jax.rollout.base import FINISH_LENGTH, RolloutBatch
+from rewards.extract import THINK_MODES
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchConfig(Section):
+    """Prompts per step and their split (config.batch; documented in configs/prorl.py):
+    prompts_per_step, mini_batch_prompts (must divide it), dynamic_sampling,
+    max_generation_rounds (the refill bound), length_bucket (T is a multiple of it)."""
+    prompts_per_step: int = field("batch.prompts_per_step", 256, *int_at_least(1))
+    mini_batch_prompts: int = field("batch.mini_batch_prompts", 64, *int_at_least(1))
+    dynamic_sampling: bool = field("batch.dynamic_sampling", True)
+    max_generation_rounds: int = field("batch.max_generation_rounds", 4, *int_at_least(1))
+    length_bucket: int = field("batch.length_bucket", 512, *int_at_least(1))
+
+    def check(self):
+        if self.prompts_per_step % self.mini_batch_prompts:
+            raise ConfigError(f"config.batch.mini_batch_prompts={self.mini_batch_prompts} must "
+                              f"divide config.batch.prompts_per_step={self.prompts_per_step}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig(Section):
+    """Scoring and the overlong rules of algorithm.md (config.reward): think_mode
+    (rewards THINK_MODES), overlong_filter (truncated responses out of the loss),
+    truncated_reward (the reward of a truncated response, "stop properly"; None: the
+    verifier's), soft_overlong_buffer / soft_overlong_factor (DAPO; buffer 0: off),
+    num_workers (scoring processes, 0: all cores), timeout_s (per response)."""
+    think_mode: str = field("reward.think_mode", "require", choices=THINK_MODES)
+    overlong_filter: bool = field("reward.overlong_filter", True)
+    truncated_reward: Optional[float] = field("reward.truncated_reward", None, "a number or "
+                                              "None (off)", lambda v: True, off=None)
+    soft_overlong_buffer: int = field("reward.soft_overlong_buffer", 0, *int_at_least(0))
+    soft_overlong_factor: float = field("reward.soft_overlong_factor", 1.0, *at_least(0))
+    num_workers: int = field("reward.num_workers", 0, *int_at_least(0))
+    timeout_s: float = field("reward.timeout_s", 10.0, *above(0))
+
+
+@dataclasses.dataclass(frozen=True)
+class AdvantageConfig(Section):
+    """GRPO advantages (config.loss.adv_*): std_normalize (False: Dr.GRPO), std_scope
+    (loss.STD_SCOPES: the group's std or the batch's)."""
+    std_normalize: bool = field("loss.adv_std_normalize", True)
+    std_scope: str = field("loss.adv_std_scope", "group", choices=loss.STD_SCOPES)
+
+
+def advantages(groups: Sequence["Group"], n: int, cfg: AdvantageConfig) -> np.ndarray:
+    """f32[groups * n]: the advantages of the groups' shaped rewards (algorithm.md step 5)."""
+    rewards = np.concatenate([g.rewards for g in groups])
+    return np.asarray(loss.group_advantages(rewards, n, std_normalize=cfg.std_normalize,
+                                            std_scope=cfg.std_scope))
 
 
 def shape_rewards(rewards: np.ndarray, lengths: np.ndarray, truncated: np.ndarray, *,
-                  max_len: int, truncated_reward: float = -1.0, soft_overlong_buffer: int = 0,
-                  soft_overlong_factor: float = 1.0) -> np.ndarray:
+                  max_len: int, truncated_reward: Optional[float] = None,
+                  soft_overlong_buffer: int = 0, soft_overlong_factor: float = 1.0) -> np.ndarray:
     """Applies the overlong rules of algorithm.md to verifier rewards f32[N].
 
-    truncated_reward >= 0: reward of a response cut at max_len ("stop properly" penalty).
+    truncated_reward (not None): reward of a response cut at max_len ("stop properly").
     soft_overlong_buffer > 0: adds DAPO's `loss.soft_overlong_penalty` of each length.
     """
     out = np.asarray(rewards, np.float32).copy()
-    if truncated_reward >= 0:
+    if truncated_reward is not None:
         out = np.where(truncated, np.float32(truncated_reward), out)
     if soft_overlong_buffer > 0:
         out += np.asarray(loss.soft_overlong_penalty(lengths, max_len, soft_overlong_buffer,
@@ -80,7 +131,7 @@ def build_train_batch(groups: Sequence[Group], advantages: np.ndarray, *, pad_id
     """Training rows for `groups` (see the module docstring).
 
     advantages f32[len(groups) * n]. Responses that hit max length get loss_mask 0 when
-    `overlong_filter`. `num_rows` pads the batch with all-masked rows up to that many (so a
+    `overlong_filter` (loss.overlong_filter_mask). `num_rows` pads the batch with all-masked rows up to that many (so a
     short batch after dynamic sampling keeps the compiled shape); they carry no loss.
     """
     rows = [(g.prompt_ids, resp, lp, reason)
@@ -95,6 +146,7 @@ def build_train_batch(groups: Sequence[Group], advantages: np.ndarray, *, pad_id
     loss_mask = np.zeros((b, t), np.float32)
     sampler_logp = np.zeros((b, t), np.float32)
     adv = np.zeros((b,), np.float32)
+    truncated = np.zeros((b,), bool)
     adv[: len(rows)] = advantages
     for i, (prompt, resp, lp, reason) in enumerate(rows):
         p, r = len(prompt), len(resp)
@@ -102,8 +154,10 @@ def build_train_batch(groups: Sequence[Group], advantages: np.ndarray, *, pad_id
         input_ids[i, p:p + r] = resp
         # Position t predicts token t+1: response token j (at p+j) is predicted at p+j-1.
         sampler_logp[i, p - 1:p - 1 + r] = lp
-        if not (overlong_filter and reason == "length"):
-            loss_mask[i, p - 1:p - 1 + r] = 1.0
+        loss_mask[i, p - 1:p - 1 + r] = 1.0
+        truncated[i] = reason == FINISH_LENGTH
+    if overlong_filter:
+        loss_mask = np.asarray(loss.overlong_filter_mask(loss_mask, truncated))
     targets = np.concatenate([input_ids[:, 1:], np.full((b, 1), pad_id, np.int32)], axis=1)
     return dict(input_ids=input_ids, targets=targets, loss_mask=loss_mask,
                 advantages=adv, sampler_logp=sampler_logp)
@@ -130,7 +184,7 @@ def mini_batches(batch: dict[str, np.ndarray], rows_per_mini_batch: int) -> list
 def rollout_stats(groups: Sequence[Group], max_len: int) -> dict[str, Any]:
     """Response-length and per-domain reward metrics of the groups kept for training."""
     lengths = np.array([len(r) for g in groups for r in g.response_ids], np.float32)
-    truncated = np.array([f == "length" for g in groups for f in g.finish_reasons])
+    truncated = np.array([f == FINISH_LENGTH for g in groups for f in g.finish_reasons])
     out = {}
     if lengths.size:
         out.update({"response_length/mean": float(lengths.mean()),

@@ -15,7 +15,7 @@ from absl import logging
 from prorl_jax import config as config_lib
 from prorl_jax import data as data_lib
 from prorl_jax.models import PRESETS, Qwen2ForCausalLM, init_model
-from prorl_jax.rollout.base import RolloutEngine
+from prorl_jax.rollout.base import RolloutConfig, RolloutEngine
 
 DEMO_TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "assets", "demo_tokenizer")
 _STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<｜end▁of▁sentence｜>")
@@ -109,8 +109,8 @@ def build_engine(cfg, model: Qwen2ForCausalLM, mesh, *, pad_id: int, workdir: st
                  max_new_tokens: int) -> RolloutEngine:
     """vLLM servers when rollout.vllm_urls is set (or engine="vllm"), else the JaxSampler
     (sized for `max_new_tokens`, the longest response of any stage)."""
-    r = cfg.rollout
-    urls = [u.strip() for u in r.vllm_urls.split(",") if u.strip()]
+    r = RolloutConfig.from_config(cfg)
+    urls = r.urls
     if r.engine == "vllm" or (r.engine == "auto" and urls):
         from prorl_jax.models import save_pretrained
         from prorl_jax.rollout import VLLMClient

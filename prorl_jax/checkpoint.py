@@ -1,7 +1,7 @@
 """Checkpoints of a run (Orbax) and the export of the policy as a Hugging Face directory.
 
 A checkpoint at step s is a directory <dir>/<s>/ holding two items:
-    state: the TrainState (policy, reference, optimizer state, step, RNG) as sharded arrays;
+    state: the TrainState (policy, reference, optimizer state, step) as sharded arrays;
     extra: a JSON document (the data iterator's state, the reset history, the config dict,
            trainer counters - whatever the trainer passes).
 Saves are asynchronous (the arrays are copied off the devices, then written by a background
@@ -13,6 +13,7 @@ one mesh resumes on another (8 devices -> 4).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Mapping, Optional
@@ -21,7 +22,18 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from prorl_jax.fields import Section, field, int_at_least
 from prorl_jax.train_state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig(Section):
+    """config.checkpoint: every_steps (save interval, 0: only at the end), keep_last (the newest
+    N kept), keep_every (and every K-th step forever, 0: none), async_save."""
+    every_steps: int = field("checkpoint.every_steps", 50, *int_at_least(0))
+    keep_last: int = field("checkpoint.keep_last", 3, *int_at_least(1))
+    keep_every: int = field("checkpoint.keep_every", 0, *int_at_least(0))
+    async_save: bool = field("checkpoint.async_save", True)
 
 
 class Checkpointer:
@@ -34,10 +46,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, keep_last: int = 3, keep_every: int = 0,
                  async_save: bool = True):
-        if keep_last < 1:
-            raise ValueError(f"checkpoint.keep_last={keep_last}: expected an integer >= 1")
-        if keep_every < 0:
-            raise ValueError(f"checkpoint.keep_every={keep_every}: expected >= 0 (0: off)")
+        CheckpointConfig(keep_last=keep_last, keep_every=keep_every, async_save=async_save)
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep_last, keep_period=keep_every or None,
@@ -74,7 +83,7 @@ class Checkpointer:
         """(TrainState, extra) of checkpoint `step` (default: the latest).
 
         abstract_state: a TrainState of jax.ShapeDtypeStruct with shardings (see
-        train_state.abstract_train_state); the arrays are read directly into those shardings.
+        train_state.abstract_state); the arrays are read directly into those shardings.
         """
         step = self.latest_step() if step is None else int(step)
         if step is None:

@@ -1,18 +1,80 @@
-"""Run-config checks and parsing: stages, file lists, and field validation naming the field.
+"""The run config: its stages, its file lists, and `validate`, which builds every component's
+config dataclass once so that a bad field stops the run at start-up with its name.
 
-The fields themselves are defined and documented in `configs/prorl.py`.
+The fields are defined and documented in `configs/prorl.py`; each one's choices or range is
+declared on the dataclass of the component that uses it (prorl_jax.fields):
+
+    loss.* (the loss terms), rollout.temperature,   UpdateConfig     prorl_jax/update.py
+      batch.micro_batch_rows, model.logprob_chunk
+    loss.adv_*                                      AdvantageConfig  prorl_jax/batching.py
+    batch.*, reward.*                               BatchConfig, RewardConfig  (batching.py)
+    optim.*; model.dtype, param_dtype, ref_dtype    OptimConfig, PrecisionConfig (train_state)
+    mesh.*                                          MeshConfig       prorl_jax/sharding.py
+    rollout.*                                       RolloutConfig    prorl_jax/rollout/base.py
+    reset.*                                         ResetConfig      prorl_jax/resets.py
+    eval.*                                          EvalConfig       prorl_jax/evaluation.py
+    checkpoint.*                                    CheckpointConfig prorl_jax/checkpoint.py
+    seed, total_steps, max_nonfinite_steps, log.*   RunConfig        here
+`validate` adds the checks across components and of model.* and data.* (read by build.py).
 """
 from __future__ import annotations
 
 import ast
 import dataclasses
-from typing import Any, Callable
+import typing
+from typing import Any, NamedTuple
 
 import ml_collections
 
+from prorl_jax.checkpoint import CheckpointConfig
+from prorl_jax.evaluation import EvalConfig
+from prorl_jax.fields import (ConfigError, Section, check_value, field, get_field,
+                              int_at_least, parse_ints)
+from prorl_jax.batching import AdvantageConfig, BatchConfig, RewardConfig
+from prorl_jax.models.qwen2 import ATTENTION_IMPLS, REMAT_POLICIES
+from prorl_jax.resets import ResetConfig
+from prorl_jax.rollout.base import RolloutConfig
+from prorl_jax.sharding import MeshConfig
+from prorl_jax.train_state import OptimConfig, PrecisionConfig
+from prorl_jax.update import UpdateConfig
 
-class ConfigError(ValueError):
-    """A config field has a bad value; the message names the field."""
+__all__ = ["ConfigError", "RunConfig", "Settings", "Stage", "parse_ints", "parse_stages",
+           "parse_weighted_files", "settings", "stage_at", "stage_config", "validate"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig(Section):
+    """The loop's own fields: seed, total_steps (the run's length, whatever the stages),
+    max_nonfinite_steps (stop after this many bad steps in a row), log_every_steps (console
+    interval), tensorboard."""
+    seed: int = field("seed", 0, *int_at_least(0))
+    total_steps: int = field("total_steps", 3000, *int_at_least(1))
+    max_nonfinite_steps: int = field("max_nonfinite_steps", 3, *int_at_least(1))
+    log_every_steps: int = field("log.every_steps", 1, *int_at_least(1))
+    tensorboard: bool = field("log.tensorboard", True)
+
+
+class Settings(NamedTuple):
+    """Every component's config dataclass of one run config (built in this order, so the first
+    bad field is the one named)."""
+    run: RunConfig
+    precision: PrecisionConfig
+    rollout: RolloutConfig
+    batch: BatchConfig
+    update: UpdateConfig
+    advantage: AdvantageConfig
+    reward: RewardConfig
+    optim: OptimConfig
+    mesh: MeshConfig
+    reset: ResetConfig
+    eval: EvalConfig
+    checkpoint: CheckpointConfig
+
+
+def settings(cfg: ml_collections.ConfigDict) -> Settings:
+    """The Settings of `cfg`; ConfigError naming the first bad field."""
+    classes = typing.get_type_hints(Settings)
+    return Settings(**{name: classes[name].from_config(cfg) for name in Settings._fields})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,18 +112,9 @@ def parse_stages(cfg: ml_collections.ConfigDict) -> list[Stage]:
         if not isinstance(steps, int) or steps <= 0:
             raise ConfigError(f"config.stages: stage {i} needs `steps=N` with N > 0, got {steps!r}")
         for key in fields:
-            _get_field(cfg, key, where=f"config.stages: stage {i}")
+            get_field(cfg, key, where=f"config.stages: stage {i}")
         stages.append(Stage(steps, tuple(fields.items())))
     return stages
-
-
-def _get_field(cfg, dotted: str, *, where: str):
-    node = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            raise ConfigError(f"{where}: unknown field {dotted!r}")
-        node = node[part]
-    return node
 
 
 def stage_config(cfg: ml_collections.ConfigDict, stages: list[Stage],
@@ -71,9 +124,12 @@ def stage_config(cfg: ml_collections.ConfigDict, stages: list[Stage],
     for stage in stages[: stage_index + 1]:
         for key, value in stage.overrides:
             parent, _, leaf = key.rpartition(".")
-            node = _get_field(out, parent, where="config.stages") if parent else out
+            node = get_field(out, parent, where="config.stages") if parent else out
             node[leaf] = value
-    validate(out)
+    try:
+        _validate_fields(out)
+    except ConfigError as e:
+        raise ConfigError(f"config.stages: stage {stage_index}: {e}") from None
     return out
 
 
@@ -87,7 +143,7 @@ def stage_at(stages: list[Stage], step: int) -> int:
     return len(stages) - 1
 
 
-def parse_weighted_files(spec: str, field: str) -> list[tuple[str, float]]:
+def parse_weighted_files(spec: str, key: str) -> list[tuple[str, float]]:
     """`"a.jsonl@40,b.parquet@10,c.jsonl"` -> [(path, weight)] (weight 1 when omitted)."""
     out = []
     for item in (s.strip() for s in spec.split(",")):
@@ -99,102 +155,45 @@ def parse_weighted_files(spec: str, field: str) -> list[tuple[str, float]]:
         try:
             w = float(weight)
         except ValueError:
-            raise ConfigError(f"config.{field}: weight {weight!r} of {path!r} is not a number")
+            raise ConfigError(f"config.{key}: weight {weight!r} of {path!r} is not a number")
         if w <= 0:
-            raise ConfigError(f"config.{field}: weight of {path!r} must be > 0, got {w}")
+            raise ConfigError(f"config.{key}: weight of {path!r} must be > 0, got {w}")
         out.append((path, w))
     return out
 
 
-def parse_ints(spec: str, field: str) -> list[int]:
-    try:
-        return [int(s) for s in spec.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"config.{field}: expected comma-separated integers, got {spec!r}")
-
-
-_CHOICES = {
-    "model.dtype": ("float32", "bfloat16"),
-    "model.param_dtype": ("float32", "bfloat16"),
-    "model.ref_dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "full", "dots", "dots_no_batch"),
-    "model.attention_impl": ("auto", "xla", "cudnn"),
-    "rollout.engine": ("auto", "jax", "vllm"),
-    "rollout.old_logp_source": ("trainer", "sampler"),
-    "loss.kl_kind": ("k1", "k2", "k3"),
-    "loss.agg_mode": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-                      "seq-mean-token-sum-norm"),
-    "loss.adv_std_scope": ("group", "batch"),
-    "reward.think_mode": ("require", "optional"),
-    "optim.schedule": ("constant", "cosine"),
-}
-
-_RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
-    "total_steps": ("an integer > 0", lambda v: v > 0),
-    "rollout.n": ("an integer >= 1", lambda v: v >= 1),
-    "rollout.temperature": ("> 0", lambda v: v > 0),
-    "rollout.top_p": ("in (0, 1]", lambda v: 0 < v <= 1),
-    "rollout.max_response_tokens": ("an integer > 0", lambda v: v > 0),
-    "rollout.timeout_s": ("> 0", lambda v: v > 0),
-    "batch.prompts_per_step": ("an integer > 0", lambda v: v > 0),
-    "batch.mini_batch_prompts": ("an integer > 0", lambda v: v > 0),
-    "batch.micro_batch_rows": ("an integer > 0", lambda v: v > 0),
-    "batch.max_generation_rounds": ("an integer >= 1", lambda v: v >= 1),
-    "batch.length_bucket": ("an integer > 0", lambda v: v > 0),
-    "loss.eps_low": ("in [0, 1)", lambda v: 0 <= v < 1),
-    "loss.eps_high": ("> 0", lambda v: v > 0),
-    "loss.clip_c": ("0 (off) or > 1", lambda v: v == 0 or v > 1),
-    "loss.beta": (">= 0", lambda v: v >= 0),
-    "loss.norm_len": (">= 0", lambda v: v >= 0),
-    "reward.soft_overlong_buffer": (">= 0", lambda v: v >= 0),
-    "reward.num_workers": (">= 0", lambda v: v >= 0),
-    "reward.timeout_s": ("> 0", lambda v: v > 0),
-    "optim.lr": (">= 0", lambda v: v >= 0),
-    "optim.weight_decay": (">= 0", lambda v: v >= 0),
-    "optim.max_grad_norm": ("> 0", lambda v: v > 0),
-    "optim.warmup_steps": (">= 0", lambda v: v >= 0),
-    "data.max_prompt_tokens": ("an integer > 0", lambda v: v > 0),
-    "reset.interval_steps": (">= 0", lambda v: v >= 0),
-    "reset.plateau_patience": (">= 0", lambda v: v >= 0),
-    "reset.kl_threshold": (">= 0", lambda v: v >= 0),
-    "eval.every_steps": (">= 0", lambda v: v >= 0),
-    "eval.n_samples": ("an integer >= 1", lambda v: v >= 1),
-    "checkpoint.every_steps": (">= 0", lambda v: v >= 0),
-    "checkpoint.keep_last": ("an integer >= 1", lambda v: v >= 1),
-    "max_nonfinite_steps": ("an integer >= 1", lambda v: v >= 1),
-}
-
-
 def validate(cfg: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError naming the first bad field; returns None when the config is usable."""
-    for key, choices in _CHOICES.items():
-        value = _get_field(cfg, key, where="config")
-        if value not in choices:
-            raise ConfigError(f"config.{key}={value!r}: expected one of {list(choices)}")
-    for key, (expected, ok) in _RANGES.items():
-        value = _get_field(cfg, key, where="config")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-            raise ConfigError(f"config.{key}={value!r}: expected {expected}")
-    b = cfg.batch
-    if b.prompts_per_step % b.mini_batch_prompts:
-        raise ConfigError(f"config.batch.mini_batch_prompts={b.mini_batch_prompts} must divide "
-                          f"config.batch.prompts_per_step={b.prompts_per_step}")
-    rows = b.mini_batch_prompts * cfg.rollout.n
-    if rows % b.micro_batch_rows and b.micro_batch_rows < rows:
-        raise ConfigError(f"config.batch.micro_batch_rows={b.micro_batch_rows} must divide the "
+    """Raises ConfigError naming the first bad field (of the config, or of a stage's config
+    with its overrides applied); returns None when the config is usable."""
+    _validate_fields(cfg)
+    stages = parse_stages(cfg)
+    for i in range(len(stages)):
+        stage_config(cfg, stages, i)
+
+
+def _validate_fields(cfg: ml_collections.ConfigDict) -> Settings:
+    s = settings(cfg)
+    check_value("model.remat", cfg.model.remat, choices=REMAT_POLICIES)
+    check_value("model.attention_impl", cfg.model.attention_impl, choices=ATTENTION_IMPLS)
+    check_value("data.max_prompt_tokens", cfg.data.max_prompt_tokens, *int_at_least(1))
+    for key in ("data.toy_train_size", "data.toy_val_size"):
+        check_value(key, get_field(cfg, key), *int_at_least(0))
+    rollout, batch, reward = s.rollout, s.batch, s.reward
+    rows = batch.mini_batch_prompts * rollout.n
+    micro = s.update.micro_batch_rows
+    if 0 < micro < rows and rows % micro:
+        raise ConfigError(f"config.batch.micro_batch_rows={micro} must divide the "
                           f"mini-batch's {rows} rows (mini_batch_prompts x rollout.n)")
-    if b.dynamic_sampling and cfg.rollout.n < 2:
+    if batch.dynamic_sampling and rollout.n < 2:
         raise ConfigError("config.rollout.n must be >= 2 with config.batch.dynamic_sampling")
-    if cfg.rollout.engine == "vllm" and not cfg.rollout.vllm_urls.strip():
-        raise ConfigError("config.rollout.engine='vllm' needs config.rollout.vllm_urls")
+    if reward.soft_overlong_buffer > rollout.max_response_tokens:
+        raise ConfigError(f"config.reward.soft_overlong_buffer={reward.soft_overlong_buffer} "
+                          f"must not exceed config.rollout.max_response_tokens="
+                          f"{rollout.max_response_tokens}")
     if not cfg.model.path and not cfg.model.preset:
         raise ConfigError("config.model.path or config.model.preset must be set")
     if not cfg.data.train_files.strip() and not cfg.data.toy_task:
         raise ConfigError("config.data.train_files is empty (and no config.data.toy_task)")
     parse_weighted_files(cfg.data.train_files, "data.train_files")
     parse_weighted_files(cfg.data.val_files, "data.val_files")
-    ks = parse_ints(cfg.eval.k_values, "eval.k_values")
-    if any(k < 1 or k > cfg.eval.n_samples for k in ks):
-        raise ConfigError(f"config.eval.k_values={cfg.eval.k_values!r}: each k must be in "
-                          f"[1, eval.n_samples={cfg.eval.n_samples}]")
-    parse_stages(cfg)
+    return s

@@ -6,13 +6,36 @@ count only full marks). pass@k = mean over problems of 1 - C(n-c, k) / C(n, k).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Sequence
 
 import numpy as np
 
 from prorl_jax import loss
+from prorl_jax.fields import ConfigError, Section, above, field, int_at_least, parse_ints
 from prorl_jax.data import Prompt
 from prorl_jax.rollout.base import RolloutEngine
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig(Section):
+    """Validation (config.eval; documented in configs/prorl.py): every_steps (0: never),
+    n_samples per problem, k_values (comma-separated, each in [1, n_samples]), temperature,
+    max_problems per validation file."""
+    every_steps: int = field("eval.every_steps", 50, *int_at_least(0))
+    n_samples: int = field("eval.n_samples", 16, *int_at_least(1))
+    k_values: str = field("eval.k_values", "1,8,16")
+    temperature: float = field("eval.temperature", 0.6, *above(0))
+    max_problems: int = field("eval.max_problems", 512, *int_at_least(1))
+
+    def check(self):
+        if any(k < 1 or k > self.n_samples for k in self.ks):
+            raise ConfigError(f"config.eval.k_values={self.k_values!r}: each k must be in "
+                              f"[1, eval.n_samples={self.n_samples}]")
+
+    @property
+    def ks(self) -> list[int]:
+        return parse_ints(self.k_values, "eval.k_values")
 
 
 def pass_at_k_by_domain(domains: Sequence[str], rewards: np.ndarray, n: int,

@@ -9,11 +9,24 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from prorl_jax.fields import Section, at_least, field, int_at_least
+
 INTERVAL = "interval"
 STAGE = "stage_boundary"
 PLATEAU = "validation_plateau"
 KL = "kl_threshold"
 MANUAL = "manual"
+
+
+@dataclasses.dataclass(frozen=True)
+class ResetConfig(Section):
+    """The reset triggers (config.reset; documented in configs/prorl.py): interval_steps,
+    plateau_patience and kl_threshold (0: off each), on_stage_boundary, on_resume (by hand)."""
+    interval_steps: int = field("reset.interval_steps", 0, *int_at_least(0))
+    on_stage_boundary: bool = field("reset.on_stage_boundary", True)
+    plateau_patience: int = field("reset.plateau_patience", 0, *int_at_least(0))
+    kl_threshold: float = field("reset.kl_threshold", 0.0, *at_least(0))
+    on_resume: bool = field("reset.on_resume", False)
 
 
 @dataclasses.dataclass
@@ -48,6 +61,10 @@ class ResetTracker:
         if self.plateau_patience > 0 and self.evals_since_best >= self.plateau_patience:
             return PLATEAU
         return None
+
+    @classmethod
+    def from_config(cls, cfg: ResetConfig) -> "ResetTracker":
+        return cls(cfg.interval_steps, cfg.plateau_patience, cfg.kl_threshold)
 
     def record_validation(self, score: float) -> None:
         """Feeds a validation score (higher is better, e.g. mean pass@1)."""

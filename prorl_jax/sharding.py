@@ -21,39 +21,38 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from prorl_jax.fields import ConfigError, Section, field
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 _AUTO = (AxisType.Auto,) * len(AXES)  # GSPMD propagation (not explicit-sharding types)
 
 
+def _axis_size(v) -> bool:
+    return v == -1 or v >= 1
+
+
 @dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Mesh axis sizes; exactly one may be -1 (it takes the remaining devices).
+class MeshConfig(Section):
+    """Mesh axis sizes (config.mesh); exactly one may be -1 (it takes the remaining devices).
 
     data:   data-parallel replicas (default 1).
     fsdp:   fully sharded data parallel (default -1: all remaining devices).
     tensor: tensor parallel (default 1).
     """
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
+    data: int = field("mesh.data", 1, "a positive size or -1 (fill)", _axis_size)
+    fsdp: int = field("mesh.fsdp", -1, "a positive size or -1 (fill)", _axis_size)
+    tensor: int = field("mesh.tensor", 1, "a positive size or -1 (fill)", _axis_size)
 
-    @classmethod
-    def from_config(cls, cfg: Any) -> "MeshConfig":
-        """From any object or mapping with fields data, fsdp, tensor (e.g. config.mesh)."""
-        get = cfg.get if isinstance(cfg, Mapping) else lambda k, d: getattr(cfg, k, d)
-        return cls(**{f.name: int(get(f.name, f.default)) for f in dataclasses.fields(cls)})
+    def check(self):
+        if [self.data, self.fsdp, self.tensor].count(-1) > 1:
+            raise ConfigError(f"config.mesh: at most one axis may be -1, got data={self.data}, "
+                              f"fsdp={self.fsdp}, tensor={self.tensor}")
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
     """Resolves -1 in (data, fsdp, tensor) so that the product is num_devices."""
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
-    for name, size in zip(AXES, sizes):
-        if size == 0 or size < -1:
-            raise ValueError(f"mesh.{name}={size}: expected a positive size or -1 (fill)")
-    if sizes.count(-1) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1, got data={cfg.data}, "
-                         f"fsdp={cfg.fsdp}, tensor={cfg.tensor}")
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]  # each checked by MeshConfig
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if num_devices % known:

@@ -1,11 +1,13 @@
-"""The training state (policy, reference, AdamW state, step, RNG), the optimizer, and ProRL's
+"""The training state (policy, reference, AdamW state, step), the optimizer, and ProRL's
 reference reset.
 
     TrainState = (params      nnx.State of the policy, fp32 master weights,
                   ref_params  nnx.State of the reference policy pi_ref (bf16 by default),
                   opt_state   optax state of clip_by_global_norm -> AdamW,
-                  step        int32[], optimizer steps applied,
-                  rng         uint32[2], a raw PRNG key)
+                  step        int32[], optimizer steps applied)
+
+(No RNG: the update is deterministic and the sampling seeds derive from config.seed and the
+step, so a resumed run draws what a straight run draws.)
 
 Reference reset (ProRL, algorithm.md): pi_ref <- pi_theta, and the optimizer state is
 re-initialised (Adam moments and counts to zero, so the learning-rate schedule and its warm-up
@@ -21,47 +23,47 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from prorl_jax.fields import ConfigError, Section, above, at_least, field, int_at_least
+
 SCHEDULES = ("constant", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    """AdamW with global-norm clipping (ProRL: lr 2e-6 constant).
+class OptimConfig(Section):
+    """AdamW with global-norm clipping (ProRL: lr 2e-6 constant), from config.optim.
 
     lr: peak learning rate; weight_decay: decoupled AdamW decay; b1, b2, eps: Adam;
     max_grad_norm: clip the gradient to this global L2 norm; warmup_steps: linear warm-up from 0
-    (restarts after every reference reset); schedule: "constant" or "cosine" (to 0 over
-    decay_steps after the warm-up).
+    (restarts after every reference reset); schedule: SCHEDULES, "constant" or "cosine" (to 0
+    over decay_steps after the warm-up).
     """
-    lr: float = 2e-6
-    weight_decay: float = 0.01
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    warmup_steps: int = 0
-    schedule: str = "constant"
-    decay_steps: int = 0
+    lr: float = field("optim.lr", 2e-6, *at_least(0))
+    weight_decay: float = field("optim.weight_decay", 0.01, *at_least(0))
+    b1: float = field("optim.b1", 0.9, "in [0, 1)", lambda v: 0 <= v < 1)
+    b2: float = field("optim.b2", 0.999, "in [0, 1)", lambda v: 0 <= v < 1)
+    eps: float = field("optim.eps", 1e-8, *above(0))
+    max_grad_norm: float = field("optim.max_grad_norm", 1.0, *above(0))
+    warmup_steps: int = field("optim.warmup_steps", 0, *int_at_least(0))
+    schedule: str = field("optim.schedule", "constant", choices=SCHEDULES)
+    decay_steps: int = field("optim.decay_steps", 0, *int_at_least(0))
 
-    def __post_init__(self):
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"optim.schedule={self.schedule!r}: expected one of {SCHEDULES}")
+    def check(self):
         if self.schedule == "cosine" and self.decay_steps <= 0:
-            raise ValueError(f"optim.decay_steps={self.decay_steps}: the cosine schedule needs "
-                             "decay_steps > 0")
-        if self.warmup_steps < 0 or self.max_grad_norm <= 0 or self.lr < 0:
-            raise ValueError(f"optim: expected warmup_steps >= 0, max_grad_norm > 0, lr >= 0; "
-                             f"got {self.warmup_steps}, {self.max_grad_norm}, {self.lr}")
+            raise ConfigError(f"config.optim.decay_steps={self.decay_steps}: the cosine "
+                              "schedule needs decay_steps > 0")
 
-    @classmethod
-    def from_config(cls, cfg: Any) -> "OptimConfig":
-        """From config.optim (a ConfigDict, a mapping or an object with these fields)."""
-        get = cfg.get if isinstance(cfg, Mapping) else lambda k, d: getattr(cfg, k, d)
-        kw = {}
-        for f in dataclasses.fields(cls):
-            value = get(f.name, f.default)
-            kw[f.name] = value if f.type == "str" else type(f.default)(value)
-        return cls(**kw)
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionConfig(Section):
+    """Dtypes of the run, from config.model: dtype (the policy's compute), param_dtype (its
+    master weights, in TrainState.params), ref_dtype (the reference's stored weights, in
+    TrainState.ref_params); each one of DTYPES."""
+    dtype: str = field("model.dtype", "bfloat16", choices=DTYPES)
+    param_dtype: str = field("model.param_dtype", "float32", choices=DTYPES)
+    ref_dtype: str = field("model.ref_dtype", "bfloat16", choices=DTYPES)
 
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:
@@ -98,7 +100,6 @@ class TrainState(NamedTuple):
     ref_params: nnx.State
     opt_state: Any
     step: jax.Array
-    rng: jax.Array
 
 
 def cast_tree(tree: Any, dtype) -> Any:
@@ -111,11 +112,10 @@ def cast_tree(tree: Any, dtype) -> Any:
 
 
 def init_train_state(params: nnx.State, tx: optax.GradientTransformation, *,
-                     ref_dtype="bfloat16", seed: int = 0) -> TrainState:
+                     ref_dtype="bfloat16") -> TrainState:
     """The state at step 0: reference = policy cast to ref_dtype, fresh optimizer state."""
     return TrainState(params=params, ref_params=cast_tree(params, ref_dtype),
-                      opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
-                      rng=jax.random.PRNGKey(seed))
+                      opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
 
 
 def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
@@ -123,21 +123,11 @@ def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(model, nnx.Param)
 
 
-def abstract_train_state(model_fn, tx: optax.GradientTransformation, *,
-                         ref_dtype="bfloat16", shardings: Optional[Any] = None):
-    """(graphdef, TrainState of jax.ShapeDtypeStruct) without allocating anything.
-
-    model_fn: () -> nnx.Module (e.g. lambda: init_model(cfg)). shardings: an optional function
-    tree -> tree of shardings (e.g. functools.partial(tree_shardings, mesh=mesh)) attached to
-    every leaf, as checkpoint restore onto a mesh needs.
-    """
-    abstract_model = nnx.eval_shape(model_fn)
-    graphdef, params = split_params(abstract_model)
-    state = jax.eval_shape(lambda p: init_train_state(p, tx, ref_dtype=ref_dtype), params)
-    if shardings is not None:
-        state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                             state, shardings(state))
-    return graphdef, state
+def abstract_state(tree: Any, shardings: Any) -> Any:
+    """`tree` (arrays or jax.ShapeDtypeStruct, e.g. a TrainState) as ShapeDtypeStructs that
+    carry `shardings` (a matching tree): the target a checkpoint restore reads into."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
 
 
 def reset_reference(state: TrainState, tx: optax.GradientTransformation, *, step: int,
@@ -145,7 +135,7 @@ def reset_reference(state: TrainState, tx: optax.GradientTransformation, *, step
                     ) -> tuple[TrainState, dict]:
     """ProRL's reference reset: ref_params <- params (cast to the reference's dtype, leaf by
     leaf, keeping its sharding), opt_state <- tx.init(params) (moments and counts zero, so the
-    schedule restarts). step and rng are kept.
+    schedule restarts). step is kept.
 
     Returns (new_state, record) with record = {"step", "trigger", "metrics"} (JSON-friendly).
     """

@@ -5,7 +5,9 @@
     -> maybe validate, reset the reference, checkpoint.
 
 `Trainer(cfg, workdir).run()` trains for `cfg.total_steps` steps over the config's stages,
-resuming from the workdir's latest checkpoint when there is one.
+resuming from the workdir's latest checkpoint when there is one. Each stage's run config is
+turned once into `config.Settings` (every component's self-validating dataclass); the loop
+reads those, never the raw config.
 """
 from __future__ import annotations
 
@@ -18,15 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from prorl_jax import batching, build, evaluation, loss, resets
+from prorl_jax import batching, build, evaluation, resets
 from prorl_jax import config as config_lib
 from prorl_jax.checkpoint import Checkpointer
 from prorl_jax.metrics import MetricsWriter, PhaseTimer, console_line
+from prorl_jax.models import config_to_hf
 from prorl_jax.sharding import (MeshConfig, global_batch, host_row_slice, make_mesh,
                                 tree_shardings)
-from prorl_jax.train_state import (OptimConfig, init_train_state, make_optimizer, make_schedule,
-                                   reset_reference, split_params)
-from prorl_jax.update import UpdateConfig, make_logprob_fn, make_train_step
+from prorl_jax.train_state import (abstract_state, init_train_state, make_optimizer,
+                                   make_schedule, reset_reference, split_params)
+from prorl_jax.update import make_logprob_fn, make_train_step
 
 _UPDATE_METRICS = {"pg_loss": "loss/policy", "loss": "loss/total", "kl": "kl",
                    "entropy": "entropy", "clip_frac_upper": "clip_frac/upper",
@@ -45,19 +48,19 @@ class Trainer:
         config_lib.validate(cfg)
         self.base_cfg, self.workdir = cfg, workdir
         self.stages = config_lib.parse_stages(cfg)
+        self.total_steps = config_lib.RunConfig.from_config(cfg).total_steps
         self.is_main = jax.process_index() == 0
         self.tokenizer = build.load_tokenizer(cfg)
         self.stop_ids = build.stop_token_ids(self.tokenizer)
         self.pad_id = build.pad_token_id(self.tokenizer)
-        self.mesh = _make_mesh(MeshConfig.from_config(cfg.mesh))
+        self.mesh = _make_mesh(MeshConfig.from_config(cfg))
         model = build.build_model(cfg, self.tokenizer)
         self.model_config = model.config
         self.graphdef, params = split_params(model)
         params = jax.device_put(params, tree_shardings(params, self.mesh))
         self.stage_index = -1
         self._enter_stage(0)
-        self.state = init_train_state(params, self.tx, ref_dtype=cfg.model.ref_dtype,
-                                      seed=cfg.seed)
+        self.state = init_train_state(params, self.tx, ref_dtype=self.settings.precision.ref_dtype)
         self.state_shardings = tree_shardings(self.state, self.mesh)
         self._build_step_functions()
         self.train_data, self.val_data = build.build_datasets(cfg, self.tokenizer)
@@ -68,26 +71,26 @@ class Trainer:
                                          workdir=workdir, max_new_tokens=longest)
         self.engine.update_weights(self.state.params, 0)
         self.score = build.RewardScorer(cfg, self.tokenizer)
-        r = cfg.reset
-        self.resets = resets.ResetTracker(r.interval_steps, r.plateau_patience, r.kl_threshold)
+        self.resets = resets.ResetTracker.from_config(self.settings.reset)
         self.reset_history: list[dict] = []
         self.step, self.last_kl, self.bad_steps = 0, None, 0
-        self.checkpoints = Checkpointer(f"{workdir}/checkpoints", keep_last=cfg.checkpoint.keep_last,
-                                        keep_every=cfg.checkpoint.keep_every,
-                                        async_save=cfg.checkpoint.async_save)
+        ck = self.settings.checkpoint
+        self.checkpoints = Checkpointer(f"{workdir}/checkpoints", keep_last=ck.keep_last,
+                                        keep_every=ck.keep_every, async_save=ck.async_save)
         self._stop_signal: Optional[int] = None
 
     # -- set-up ----------------------------------------------------------------------------
 
     def _enter_stage(self, index: int) -> None:
-        """Switches to stage `index`'s config (its overrides) and optimizer."""
+        """Switches to stage `index`'s config (its overrides), settings and optimizer."""
         self.stage_index = index
         self.cfg = config_lib.stage_config(self.base_cfg, self.stages, index)
-        optim = OptimConfig.from_config(self.cfg.optim)
-        self.tx, self.schedule = make_optimizer(optim), make_schedule(optim)
+        self.settings = config_lib.settings(self.cfg)
+        self.tx = make_optimizer(self.settings.optim)
+        self.schedule = make_schedule(self.settings.optim)
 
     def _build_step_functions(self) -> None:
-        upd = UpdateConfig.from_config(self.cfg)
+        upd = self.settings.update
         self.update_fn = make_train_step(self.graphdef, self.tx, self.schedule, upd,
                                          mesh=self.mesh, state_shardings=self.state_shardings)
         self.policy_logprobs = make_logprob_fn(self.graphdef, upd, mesh=self.mesh,
@@ -95,35 +98,43 @@ class Trainer:
         self.ref_logprobs = make_logprob_fn(self.graphdef, upd, mesh=self.mesh,
                                             param_shardings=self.state_shardings.ref_params)
 
-    # -- one iteration ---------------------------------------------------------------------
+    # -- one iteration (algorithm.md, "One iteration") ---------------------------------------
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """One ProRL iteration; returns its metrics."""
+        timer, start = PhaseTimer(), time.perf_counter()
+        groups, metrics = self.collect_groups(step, timer)    # 1-4: sample, roll out, score, filter
+        if not groups:
+            return self._skipped(step, metrics, timer, "every group had equal rewards")
+        adv = self.advantages(groups)                         # 5: group-normalised advantages
+        minis, tokens = self.mini_batches(groups, adv)        # 8: the mini-batches
+        if not minis:
+            return self._skipped(step, metrics, timer, "no response token counts in the loss")
+        with timer("logprobs"):                               # 6, 7: old and reference log-probs
+            self.add_logprobs(minis)
+        with timer("update"):                                 # 8: one optimizer step each
+            updates = self.update(minis)
+        with timer("sync"):                                   # the sampler gets the new policy
+            self.engine.update_weights(self.state.params, step + 1)
+        metrics.update(_mean_update_metrics(updates, tokens))
+        metrics["loss_tokens"] = sum(tokens)
+        metrics.update(_mismatch_metrics(minis))
+        metrics.update({"advantage/mean": float(adv.mean()), "advantage/std": float(adv.std()),
+                        "advantage/abs_mean": float(np.abs(adv).mean())})
+        elapsed = time.perf_counter() - start
+        metrics["tokens_per_s"] = metrics["rollout/generated_tokens"] / max(elapsed, 1e-9)
+        metrics.update(timer.pop())
+        return metrics
 
     def collect_groups(self, step: int, timer: PhaseTimer) -> tuple[list, dict[str, Any]]:
         """Rolls out and scores prompt groups until `prompts_per_step` informative groups are
         kept (dynamic sampling) or `max_generation_rounds` rounds have run."""
-        cfg, r, b = self.cfg, self.cfg.rollout, self.cfg.batch
+        r, b = self.settings.rollout, self.settings.batch
         kept, stats, generated, gen_tokens = [], {}, 0, 0
         for rnd in range(b.max_generation_rounds):
-            prompts = self.prompts.next_batch(b.prompts_per_step)
-            records = [p.record for p in prompts]
-            with timer("rollout"):
-                rollout = self.engine.generate(
-                    [p.prompt_ids for p in prompts], n=r.n, temperature=r.temperature,
-                    top_p=r.top_p, max_new_tokens=r.max_response_tokens,
-                    stop_token_ids=self.stop_ids, seed=_seed(cfg.seed, step, rnd))
-            with timer("reward"):
-                raw = self.score([rec for rec in records for _ in range(r.n)], rollout.token_ids)
-                shaped = batching.shape_rewards(
-                    raw, rollout.response_lengths, rollout.truncated,
-                    max_len=r.max_response_tokens, truncated_reward=cfg.reward.truncated_reward,
-                    soft_overlong_buffer=cfg.reward.soft_overlong_buffer,
-                    soft_overlong_factor=cfg.reward.soft_overlong_factor)
-            groups = batching.split_groups(rollout, records, shaped, raw)
-            if rnd == 0:  # the policy's own performance, before any filtering
-                stats.update(batching.reward_stats(records, raw, r.n))
-                stats.update(batching.rollout_stats(groups, r.max_response_tokens))
-                stats["reward/failures"] = self.score.failures
+            groups, shaped, tokens = self._generate_round(step, rnd, timer, stats)
             generated += len(groups)
-            gen_tokens += int(rollout.response_lengths.sum())
+            gen_tokens += tokens
             if b.dynamic_sampling:
                 keep = batching.informative_groups(shaped, r.n)
                 groups = [g for g, k in zip(groups, keep) if k]
@@ -139,82 +150,100 @@ class Trainer:
                          "what survived", step, len(kept), b.prompts_per_step, rnd + 1)
         return kept, stats
 
+    def _generate_round(self, step: int, rnd: int, timer: PhaseTimer, stats: dict):
+        """One generation round: (groups, shaped rewards f32[P*n], generated tokens); the
+        first round's reward and length statistics go into `stats`."""
+        r, w = self.settings.rollout, self.settings.reward
+        prompts = self.prompts.next_batch(self.settings.batch.prompts_per_step)
+        records = [p.record for p in prompts]
+        with timer("rollout"):
+            rollout = self.engine.generate(
+                [p.prompt_ids for p in prompts], n=r.n, temperature=r.temperature,
+                top_p=r.top_p, max_new_tokens=r.max_response_tokens,
+                stop_token_ids=self.stop_ids, seed=_seed(self.settings.run.seed, step, rnd))
+        with timer("reward"):
+            raw = self.score([rec for rec in records for _ in range(r.n)], rollout.token_ids)
+            shaped = batching.shape_rewards(
+                raw, rollout.response_lengths, rollout.truncated,
+                max_len=r.max_response_tokens, truncated_reward=w.truncated_reward,
+                soft_overlong_buffer=w.soft_overlong_buffer,
+                soft_overlong_factor=w.soft_overlong_factor)
+        groups = batching.split_groups(rollout, records, shaped, raw)
+        if rnd == 0:  # the policy's own performance, before any filtering
+            stats.update(batching.reward_stats(records, raw, r.n))
+            stats.update(batching.rollout_stats(groups, r.max_response_tokens))
+            stats["reward/failures"] = self.score.failures
+        return groups, shaped, int(rollout.response_lengths.sum())
+
     def advantages(self, groups) -> np.ndarray:
-        """f32[groups * n]: GRPO advantages of the kept groups' shaped rewards."""
-        rewards = np.concatenate([g.rewards for g in groups])
-        lc = self.cfg.loss
-        return np.asarray(loss.group_advantages(rewards, self.cfg.rollout.n,
-                                                std_normalize=lc.adv_std_normalize,
-                                                std_scope=lc.adv_std_scope))
+        """f32[groups * n]: the advantages of the kept groups' shaped rewards."""
+        return batching.advantages(groups, self.settings.rollout.n, self.settings.advantage)
+
+    def mini_batches(self, groups, adv: np.ndarray) -> tuple[list[dict], list[float]]:
+        """(device mini-batches, their loss-token counts). Mini-batches made only of padding
+        rows (dynamic sampling came up short) are left out: an optimizer step on them would
+        still decay the weights and Adam's moments."""
+        b, n = self.settings.batch, self.settings.rollout.n
+        full = batching.build_train_batch(
+            groups, adv, pad_id=self.pad_id, length_bucket=b.length_bucket,
+            overlong_filter=self.settings.reward.overlong_filter,
+            num_rows=b.prompts_per_step * n)
+        host = [m for m in batching.mini_batches(full, b.mini_batch_prompts * n)
+                if m["loss_mask"].any()]
+        return [self._device_batch(m) for m in host], [float(m["loss_mask"].sum()) for m in host]
 
     def _device_batch(self, mini: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         rows = mini["input_ids"].shape[0]
         local = {k: v[host_row_slice(rows)] for k, v in mini.items()}
         return global_batch(local, self.mesh)
 
-    def train_step(self, step: int) -> dict[str, Any]:
-        """One ProRL iteration; returns its metrics."""
-        cfg, timer = self.cfg, PhaseTimer()
-        start = time.perf_counter()
-        groups, metrics = self.collect_groups(step, timer)
-        if not groups:
-            logging.warning("step %d: every group had equal rewards; no update", step)
-            return {**metrics, **timer.pop(), "skipped": 1}
-        adv = self.advantages(groups)
-        rows_per_mini = cfg.batch.mini_batch_prompts * cfg.rollout.n
-        full = batching.build_train_batch(
-            groups, adv, pad_id=self.pad_id, length_bucket=cfg.batch.length_bucket,
-            overlong_filter=cfg.reward.overlong_filter,
-            num_rows=cfg.batch.prompts_per_step * cfg.rollout.n)
-        # Mini-batches made only of padding rows (dynamic sampling came up short) are skipped:
-        # an optimizer step on them would still decay the weights and Adam's moments.
-        host_minis = [m for m in batching.mini_batches(full, rows_per_mini)
-                      if m["loss_mask"].any()]
-        tokens = [float(m["loss_mask"].sum()) for m in host_minis]
-        minis = [self._device_batch(m) for m in host_minis]
-        if not minis:
-            logging.warning("step %d: no response token counts in the loss; no update", step)
-            return {**metrics, **timer.pop(), "skipped": 1}
-        with timer("logprobs"):  # all before the first update: pi_old is the sampling policy
-            for mb in minis:
-                old_logp, _ = self.policy_logprobs(self.state.params, mb)
-                mb["ref_logp"], _ = self.ref_logprobs(self.state.ref_params, mb)
-                mb["old_logp"] = (mb["sampler_logp"] if cfg.rollout.old_logp_source == "sampler"
-                                  else old_logp)
-                mb["trainer_logp"] = old_logp
-            jax.block_until_ready(minis)
-        with timer("update"):
-            updates = []
-            for mb in minis:
-                self.state, m = self.update_fn(self.state, mb)
-                updates.append(m)
-            jax.block_until_ready(self.state)  # async dispatch: charge the time to this phase
-        with timer("sync"):
-            self.engine.update_weights(self.state.params, step + 1)
-        metrics.update(_mean_update_metrics(updates, tokens))
-        metrics["loss_tokens"] = sum(tokens)
-        metrics.update(_mismatch_metrics(minis))
-        metrics.update({"advantage/mean": float(adv.mean()), "advantage/std": float(adv.std()),
-                        "advantage/abs_mean": float(np.abs(adv).mean())})
-        elapsed = time.perf_counter() - start
-        metrics["tokens_per_s"] = metrics["rollout/generated_tokens"] / max(elapsed, 1e-9)
-        metrics.update(timer.pop())
-        return metrics
+    def add_logprobs(self, minis: list[dict]) -> None:
+        """Adds old_logp (pi_old), ref_logp (pi_ref) and trainer_logp to every mini-batch, all
+        before the first update: pi_old is the policy that sampled the batch."""
+        sampler_old = self.settings.rollout.old_logp_source == "sampler"
+        for mb in minis:
+            mb["trainer_logp"], _ = self.policy_logprobs(self.state.params, mb)
+            mb["ref_logp"], _ = self.ref_logprobs(self.state.ref_params, mb)
+            mb["old_logp"] = mb["sampler_logp"] if sampler_old else mb["trainer_logp"]
+        jax.block_until_ready(minis)
 
-    # -- the run ---------------------------------------------------------------------------
+    def update(self, minis: list[dict]) -> list[dict]:
+        """One optimizer step per mini-batch; returns their metrics."""
+        updates = []
+        for mb in minis:
+            self.state, m = self.update_fn(self.state, mb)
+            updates.append(m)
+        jax.block_until_ready(self.state)  # async dispatch: charge the time to this phase
+        return updates
 
-    def maybe_reset(self, step: int, trigger: Optional[str] = None) -> Optional[dict]:
-        """Hard-resets the reference when a trigger fires (or `trigger` is given)."""
-        stage = config_lib.stage_at(self.stages, step)
-        stage_start = stage != self.stage_index
-        if stage_start:
-            self._enter_stage(stage)
+    def _skipped(self, step: int, metrics: dict, timer: PhaseTimer, why: str) -> dict:
+        logging.warning("step %d: %s; no update", step, why)
+        return {**metrics, **timer.pop(), "skipped": 1}
+
+    # -- between iterations: stages, resets, validation, checkpoints -------------------------
+
+    def enter_stage_at(self, step: int) -> bool:
+        """Switches to the stage of training step `step` if it is not the current one; True
+        when `step` is the first step of a stage after the first (a stage boundary)."""
+        index = config_lib.stage_at(self.stages, step)
+        if index != self.stage_index:
+            self._enter_stage(index)
             self._build_step_functions()
-        trigger = trigger or self.resets.check_step(
-            step, kl=self.last_kl,
-            stage_start=stage_start and step > 0 and self.cfg.reset.on_stage_boundary)
+        return index > 0 and step == sum(s.steps for s in self.stages[:index])
+
+    def maybe_reset(self, step: int, *, stage_start: bool = False,
+                    manual: bool = False) -> Optional[dict]:
+        """Hard-resets the reference before step `step` when a trigger fires (or `manual`);
+        returns the reset's record, or None."""
+        on_boundary = stage_start and self.settings.reset.on_stage_boundary
+        trigger = resets.MANUAL if manual else self.resets.check_step(
+            step, kl=self.last_kl, stage_start=on_boundary)
         if trigger is None:
             return None
+        return self.reset_reference(step, trigger)
+
+    def reset_reference(self, step: int, trigger: str) -> dict:
+        """pi_ref <- pi_theta and a fresh optimizer state (ProRL); recorded in the history."""
         self.state, record = reset_reference(self.state, self.tx, step=step, trigger=trigger,
                                              metrics={"kl": self.last_kl or 0.0})
         self.reset_history.append(record)
@@ -225,16 +254,26 @@ class Trainer:
     def validate(self, step: int) -> dict[str, float]:
         if self.val_data is None:
             return {}
-        e, r = self.cfg.eval, self.cfg.rollout
+        e, r = self.settings.eval, self.settings.rollout
         prompts = self.val_data.all_prompts()[: e.max_problems]
         out = evaluation.validate(
-            self.engine, prompts, self.score, n=e.n_samples,
-            k_values=config_lib.parse_ints(e.k_values, "eval.k_values"),
+            self.engine, prompts, self.score, n=e.n_samples, k_values=e.ks,
             temperature=e.temperature, top_p=r.top_p, max_new_tokens=r.max_response_tokens,
-            stop_token_ids=self.stop_ids, seed=_seed(self.cfg.seed, step, 997),
-            batch_prompts=self.cfg.batch.prompts_per_step)
+            stop_token_ids=self.stop_ids, seed=_seed(self.settings.run.seed, step, 997),
+            batch_prompts=self.settings.batch.prompts_per_step)
         if "val/pass@1" in out:
             self.resets.record_validation(out["val/pass@1"])
+        return out
+
+    def maybe_validate(self, step: int) -> dict[str, float]:
+        """Validation metrics after `step` steps when it is due (every eval.every_steps and at
+        the end), else {}."""
+        every = self.settings.eval.every_steps
+        if not every or (step % every and step != self.total_steps):
+            return {}
+        start = time.perf_counter()
+        out = self.validate(step)
+        out["time/validate"] = time.perf_counter() - start
         return out
 
     def save(self, step: int) -> None:
@@ -242,25 +281,22 @@ class Trainer:
             return
         extra = {"data": self.prompts.state_dict(), "resets": self.reset_history,
                  "reset_tracker": self.resets.state_dict(), "last_kl": self.last_kl,
-                 "bad_steps": self.bad_steps, "config": self.base_cfg.to_dict()}
+                 "bad_steps": self.bad_steps, "config": self.base_cfg.to_dict(),
+                 "model": config_to_hf(self.model_config)}
         self.checkpoints.save(step, self.state, extra)
 
     def restore(self) -> bool:
-        """Restores the latest checkpoint in the workdir, if any; True if it did."""
+        """Restores the latest checkpoint in the workdir, if any; True if it did. The stage
+        of the restored step is entered by the loop (with its boundary reset if it is due)."""
         step = self.checkpoints.latest_step()
         if step is None:
             return False
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                self.state, self.state_shardings)
-        self.state, extra = self.checkpoints.restore(abstract, step=step)
+        self.state, extra = self.checkpoints.restore(
+            abstract_state(self.state, self.state_shardings), step=step)
         self.prompts.load_state_dict(extra["data"])
         self.reset_history = list(extra["resets"])
         self.resets.load_state_dict(extra["reset_tracker"])
         self.last_kl, self.bad_steps, self.step = extra["last_kl"], extra["bad_steps"], step
-        stage = config_lib.stage_at(self.stages, step)
-        if stage != self.stage_index:
-            self._enter_stage(stage)
-            self._build_step_functions()
         self.engine.update_weights(self.state.params, step)
         logging.warning("resumed from step %d", step)
         return True
@@ -272,40 +308,33 @@ class Trainer:
     def run(self, *, reset_on_resume: bool = False) -> dict[str, Any]:
         """Trains to total_steps; returns the last step's metrics."""
         resumed = self.restore()
-        writer = MetricsWriter(self.workdir, tensorboard=self.cfg.log.tensorboard,
+        writer = MetricsWriter(self.workdir, tensorboard=self.settings.run.tensorboard,
                                truncate_after=self.step, is_main=self.is_main)
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        pending_manual = resumed and (reset_on_resume or self.cfg.reset.on_resume)
+        manual = resumed and (reset_on_resume or self.settings.reset.on_resume)
         t0, done, metrics = time.perf_counter(), 0, {}
         try:
-            while self.step < self.base_cfg.total_steps and self._stop_signal is None:
+            while self.step < self.total_steps and self._stop_signal is None:
                 step = self.step
-                record = self.maybe_reset(step, resets.MANUAL if pending_manual else None)
-                pending_manual = False
+                stage_start = self.enter_stage_at(step)
+                record = self.maybe_reset(step, stage_start=stage_start, manual=manual)
+                manual = False
                 metrics = self.train_step(step)
                 self._check_finite(step, metrics)
                 self.last_kl = metrics.get("kl")
+                self.step = step + 1
                 metrics.update({"stage": self.stage_index,
                                 "reference_resets": len(self.reset_history)})
                 if record is not None:
                     metrics["reset/trigger"] = record["trigger"]
-                self.step = step + 1
-                e = self.cfg.eval.every_steps
-                if e and (self.step % e == 0 or self.step == self.base_cfg.total_steps):
-                    with_timer = time.perf_counter()
-                    metrics.update(self.validate(self.step))
-                    metrics["time/validate"] = time.perf_counter() - with_timer
+                metrics.update(self.maybe_validate(self.step))
                 writer.write(self.step, metrics)
                 done += 1
-                if self.is_main and (self.step % self.cfg.log.every_steps == 0
-                                     or self.step == 1):
-                    print(console_line(self.step, self.base_cfg.total_steps, metrics,
-                                       time.perf_counter() - t0, done), flush=True)
-                k = self.cfg.checkpoint.every_steps
-                if k and self.step % k == 0:
+                self._log(metrics, time.perf_counter() - t0, done)
+                every = self.settings.checkpoint.every_steps
+                if every and self.step % every == 0:
                     self.save(self.step)
-            if self.checkpoints.latest_step() != self.step:
-                self.save(self.step)
+            self.save(self.step)
         finally:
             self.checkpoints.wait_until_finished()
             writer.close()
@@ -313,17 +342,24 @@ class Trainer:
                 signal.signal(s, handler)
         return metrics
 
+    def _log(self, metrics: dict, elapsed_s: float, done: int) -> None:
+        if self.is_main and (self.step % self.settings.run.log_every_steps == 0
+                             or self.step == 1):
+            print(console_line(self.step, self.total_steps, metrics, elapsed_s, done),
+                  flush=True)
+
     def _check_finite(self, step: int, metrics: dict) -> None:
         if metrics.get("nonfinite", 0) > 0:
             self.bad_steps += 1
             logging.warning("step %d: non-finite loss or gradient; update not applied (%d in a "
                             "row)", step, self.bad_steps)
-            if self.bad_steps >= self.cfg.max_nonfinite_steps:
+            limit = self.settings.run.max_nonfinite_steps
+            if self.bad_steps >= limit:
                 self.save(self.step)
                 self.checkpoints.wait_until_finished()
                 raise NonFiniteError(
                     f"{self.bad_steps} consecutive steps with a non-finite loss or gradient "
-                    f"(config.max_nonfinite_steps={self.cfg.max_nonfinite_steps}); stopped at "
+                    f"(config.max_nonfinite_steps={limit}); stopped at "
                     f"step {step} with the last good weights saved in "
                     f"{self.workdir}/checkpoints (step {self.step})")
         else:

@@ -32,7 +32,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from prorl_jax.loss import compute_loss, loss_denominator, token_counts, token_logprobs
+from prorl_jax.fields import Section, above, at_least, field, int_at_least
+from prorl_jax.loss import (AGG_MODES, DEFAULT_CHUNK_SIZE, KL_KINDS, compute_loss,
+                            loss_denominator, token_counts, token_logprobs)
 from prorl_jax.sharding import batch_sharding, batch_shards, replicated
 from prorl_jax.train_state import TrainState, optimizer_count
 
@@ -42,41 +44,31 @@ OPTIONAL_KEYS = ("positions", "segment_ids")
 
 
 @dataclasses.dataclass(frozen=True)
-class UpdateConfig:
-    """The loss and the batching of one update (ProRL values as defaults).
+class UpdateConfig(Section):
+    """The loss and the batching of one update (ProRL values as defaults); each field is read
+    from the run-config key named on it (configs/prorl.py documents them) and checked here.
 
     eps_low, eps_high: clip range of the ratio, [1 - eps_low, 1 + eps_high] (0.2, 0.4);
-    beta: KL coefficient (1e-4); kl_kind: "k1" | "k2" | "k3" (k3); agg_mode: token-mean etc.;
-    clip_c: dual-clip constant (> 1) or None; entropy_coef: entropy bonus (0);
-    norm_len: the fixed length of seq-mean-token-sum-norm (None: the padded length T);
-    temperature: sampling temperature, applied to the logits before log-softmax (paper 1.2);
-    micro_batch_rows: rows per gradient-accumulation micro-batch (0: the whole mini-batch);
-    logprob_chunk: tokens per chunk of the fused LM-head log-softmax.
+    beta: KL coefficient (1e-4); kl_kind: loss.KL_KINDS (k3); agg_mode: loss.AGG_MODES
+    (token-mean); clip_c: dual-clip constant (> 1) or None (config 0); entropy_coef: entropy
+    bonus (0); norm_len: the fixed length of seq-mean-token-sum-norm (None, config 0: the padded
+    length T); temperature: sampling temperature, applied to the logits before log-softmax
+    (paper 1.2); micro_batch_rows: rows per gradient-accumulation micro-batch (0: the whole
+    mini-batch); logprob_chunk: tokens per chunk of the fused LM-head log-softmax.
     """
-    eps_low: float = 0.2
-    eps_high: float = 0.4
-    beta: float = 1e-4
-    kl_kind: str = "k3"
-    agg_mode: str = "token-mean"
-    clip_c: Optional[float] = None
-    entropy_coef: float = 0.0
-    norm_len: Optional[int] = None
-    temperature: float = 1.0
-    micro_batch_rows: int = 0
-    logprob_chunk: int = 1024
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> "UpdateConfig":
-        """From the run config (configs/prorl.py): loss.*, rollout.temperature,
-        batch.micro_batch_rows, model.logprob_chunk (clip_c 0 and norm_len 0 mean None)."""
-        loss = cfg.loss
-        return cls(eps_low=float(loss.eps_low), eps_high=float(loss.eps_high),
-                   beta=float(loss.beta), kl_kind=str(loss.kl_kind),
-                   agg_mode=str(loss.agg_mode), clip_c=float(loss.clip_c) or None,
-                   entropy_coef=float(loss.entropy_coef), norm_len=int(loss.norm_len) or None,
-                   temperature=float(cfg.rollout.temperature),
-                   micro_batch_rows=int(cfg.batch.micro_batch_rows),
-                   logprob_chunk=int(cfg.model.logprob_chunk))
+    eps_low: float = field("loss.eps_low", 0.2, "in [0, 1)", lambda v: 0 <= v < 1)
+    eps_high: float = field("loss.eps_high", 0.4, *above(0))
+    beta: float = field("loss.beta", 1e-4, *at_least(0))
+    kl_kind: str = field("loss.kl_kind", "k3", choices=KL_KINDS)
+    agg_mode: str = field("loss.agg_mode", "token-mean", choices=AGG_MODES)
+    clip_c: Optional[float] = field("loss.clip_c", None, "0 (off) or > 1", lambda v: v > 1,
+                                    off=0)
+    entropy_coef: float = field("loss.entropy_coef", 0.0, "a number", lambda v: True)
+    norm_len: Optional[int] = field("loss.norm_len", None, "0 (off) or an integer > 0",
+                                    int_at_least(1)[1], off=0)
+    temperature: float = field("rollout.temperature", 1.0, *above(0))
+    micro_batch_rows: int = field("batch.micro_batch_rows", 0, *int_at_least(0))
+    logprob_chunk: int = field("model.logprob_chunk", DEFAULT_CHUNK_SIZE, *int_at_least(1))
 
 
 def check_batch(batch: Mapping[str, Any], keys=TRAIN_KEYS) -> None:

@@ -1,5 +1,4 @@
 """Checkpoints: exact resume, retention, a killed save, restore onto another mesh, HF export."""
-import functools
 import os
 import signal
 import subprocess
@@ -15,16 +14,14 @@ from prorl_jax import sharding as S
 from prorl_jax import train_state as TS
 from prorl_jax.checkpoint import Checkpointer, export_hf
 from train_helpers import (MODEL_CFG, forward_logits, fresh_state, graphdef_and_tx,
-                           make_batch, make_model, mesh_for, train_step_for)
+                           make_batch, mesh_for, train_step_for)
 
 ONE = (1, 1, 1)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def abstract_state(mesh):
-    _, state = TS.abstract_train_state(make_model, graphdef_and_tx()[1], ref_dtype="float32",
-                                       shardings=functools.partial(S.tree_shardings, mesh=mesh))
-    return state
+    return TS.abstract_state(fresh_state(), S.tree_shardings(fresh_state(), mesh))
 
 
 def assert_bitwise_equal(a, b):

@@ -217,10 +217,12 @@ def test_nonfinite_steps_are_skipped_then_stop_with_checkpoint(tmp_path):
 
 def test_bad_override_fails_at_start_naming_the_field(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    for flag, expected in (("--config.loss.eps_high=-1", "config.loss.eps_high=-1"),
-                           ("--config.loss.nope=1", "nope")):
+    # An optional field (None by default) takes a value on the command line.
+    for flags, expected in ((["--config.reward.truncated_reward=0.0",
+                              "--config.loss.eps_high=-1"], "config.loss.eps_high=-1"),
+                            (["--config.loss.nope=1"], "nope")):
         out = subprocess.run([sys.executable, "-m", "prorl_jax.main",
-                              "--config=configs/prorl.py:demo", f"--workdir={tmp_path}", flag],
+                              "--config=configs/prorl.py:demo", f"--workdir={tmp_path}", *flags],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode != 0
         assert expected in out.stderr, out.stderr[-2000:]

@@ -227,9 +227,9 @@ def test_reset_casts_to_the_reference_dtype_and_schedule_restarts():
 
 def test_optim_config_from_run_config_and_errors():
     import ml_collections
-    cfg = ml_collections.ConfigDict(dict(lr=2e-6, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8,
-                                         max_grad_norm=1.0, warmup_steps=0, schedule="constant",
-                                         decay_steps=0))
+    cfg = ml_collections.ConfigDict({"optim": dict(
+        lr=2e-6, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, max_grad_norm=1.0,
+        warmup_steps=0, schedule="constant", decay_steps=0)})
     assert TS.OptimConfig.from_config(cfg) == TS.OptimConfig()
     with pytest.raises(ValueError, match="optim.schedule='linear'"):
         TS.OptimConfig(schedule="linear")

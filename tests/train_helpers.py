@@ -135,9 +135,7 @@ def _checkpoint_round_trip(state, host_params, directory: str) -> bool:
     (FSDP 2 x tensor 2), and says whether the step and every parameter came back exactly."""
     from prorl_jax.checkpoint import Checkpointer
     other = S.make_mesh(S.MeshConfig(fsdp=-1, tensor=2))
-    _, abstract = TS.abstract_train_state(
-        make_model, graphdef_and_tx()[1], ref_dtype="float32",
-        shardings=functools.partial(S.tree_shardings, mesh=other))
+    abstract = TS.abstract_state(state, S.tree_shardings(state, other))
     with Checkpointer(os.path.join(directory, "ckpt")) as ckpt:
         ckpt.save(int(state.step), state, {"processes": jax.process_count()})
         ckpt.wait_until_finished()

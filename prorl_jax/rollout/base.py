@@ -8,6 +8,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from prorl_jax.fields import ConfigError, Section, above, field, int_at_least
+
 FINISH_STOP = "stop"      # ended on a stop id (EOS)
 FINISH_LENGTH = "length"  # cut at max_new_tokens
 
@@ -62,6 +64,38 @@ class RolloutBatch:
     def truncated(self) -> np.ndarray:
         """bool[P*n]: True where the response was cut at max_new_tokens."""
         return np.array([r == FINISH_LENGTH for r in self.finish_reasons])
+
+
+ENGINES = ("auto", "jax", "vllm")
+OLD_LOGP_SOURCES = ("trainer", "sampler")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig(Section):
+    """How rollouts are drawn (config.rollout; documented in configs/prorl.py).
+
+    engine: ENGINES ("auto": vLLM iff vllm_urls); vllm_urls: comma-separated server URLs;
+    weights_dir: where the policy is written for the servers; timeout_s: per HTTP request;
+    n: responses per prompt; temperature, top_p: sampling; max_response_tokens: the response
+    cap; old_logp_source: OLD_LOGP_SOURCES, whose log-probs are pi_old in the loss.
+    """
+    engine: str = field("rollout.engine", "auto", choices=ENGINES)
+    vllm_urls: str = field("rollout.vllm_urls", "")
+    weights_dir: str = field("rollout.weights_dir", "")
+    timeout_s: float = field("rollout.timeout_s", 3600.0, *above(0))
+    n: int = field("rollout.n", 16, *int_at_least(1))
+    temperature: float = field("rollout.temperature", 1.2, *above(0))
+    top_p: float = field("rollout.top_p", 1.0, "in (0, 1]", lambda v: 0 < v <= 1)
+    max_response_tokens: int = field("rollout.max_response_tokens", 8192, *int_at_least(1))
+    old_logp_source: str = field("rollout.old_logp_source", "trainer", choices=OLD_LOGP_SOURCES)
+
+    def check(self):
+        if self.engine == "vllm" and not self.urls:
+            raise ConfigError("config.rollout.engine='vllm' needs config.rollout.vllm_urls")
+
+    @property
+    def urls(self) -> list[str]:
+        return [u.strip() for u in self.vllm_urls.split(",") if u.strip()]
 
 
 class RolloutEngine(abc.ABC):
