@@ -13,19 +13,19 @@ from prorl_jax.loss.corrections import CORRECTIONS, importance_correction, sampl
 from prorl_jax.loss.kl import KL_KINDS, kl_estimate
 from prorl_jax.loss.logprobs import DEFAULT_CHUNK_SIZE, token_logprobs
 from prorl_jax.loss.objective import compute_loss, loss_normalizers
-from prorl_jax.loss.overlong import (cosine_length_reward, overlong_filter_mask,
-                                     soft_overlong_penalty)
+from prorl_jax.loss.overlong import (LENGTH_PENALTIES, cosine_length_reward,
+                                     overlong_filter_mask, soft_overlong_penalty)
 from prorl_jax.loss.evaluation import pass_at_k
 from prorl_jax.loss.policy import (POLICY_LOSSES, ClipIndicators, cispo_loss, gspo_loss,
                                    log_ratio, policy_gradient_loss, policy_loss)
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS", "AGG_MODES", "CORRECTIONS", "ClipIndicators", "DEFAULT_CHUNK_SIZE",
-    "KL_KINDS", "POLICY_LOSSES", "STD_SCOPES", "TokenCounts", "aggregate_loss", "cispo_loss",
-    "compute_advantages", "compute_loss", "cosine_length_reward", "group_advantages",
-    "group_signal_mask", "gspo_loss", "importance_correction", "kl_estimate", "log_ratio",
-    "loss_denominator", "loss_normalizers", "loss_numerator", "masked_mean", "masked_sum",
-    "overlong_filter_mask", "pass_at_k", "policy_gradient_loss", "policy_loss",
+    "KL_KINDS", "LENGTH_PENALTIES", "POLICY_LOSSES", "STD_SCOPES", "TokenCounts",
+    "aggregate_loss", "cispo_loss", "compute_advantages", "compute_loss", "cosine_length_reward",
+    "group_advantages", "group_signal_mask", "gspo_loss", "importance_correction", "kl_estimate",
+    "log_ratio", "loss_denominator", "loss_normalizers", "loss_numerator", "masked_mean",
+    "masked_sum", "overlong_filter_mask", "pass_at_k", "policy_gradient_loss", "policy_loss",
     "reinforce_pp_baseline_advantages", "rloo_advantages", "sampler_log_ratio",
     "soft_overlong_penalty", "token_counts", "token_logprobs",
 ]

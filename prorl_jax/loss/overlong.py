@@ -8,6 +8,8 @@ import jax.numpy as jnp
 
 from prorl_jax.loss._checks import check_ndim, is_concrete_number
 
+LENGTH_PENALTIES = ("none", "cosine")   # reward.length_penalty: "cosine" is cosine_length_reward
+
 
 def overlong_filter_mask(mask, truncated):
     """Overlong filtering: mask [batch, time] with the rows of truncated responses zeroed.

@@ -62,8 +62,8 @@ def log_ratio(logp, old_logp):
 
 
 def _check_clip_args(eps_low, eps_high, clip_c, *, dual_clip: bool = True) -> None:
-    if is_concrete_number(eps_low) and not 0.0 <= eps_low <= 1.0:
-        raise ValueError(f"eps_low must be in [0, 1] (1: no lower clip), got {eps_low!r}")
+    if is_concrete_number(eps_low) and not 0.0 <= eps_low < 1.0:
+        raise ValueError(f"eps_low must be in [0, 1), got {eps_low!r}")
     if is_concrete_number(eps_high) and not eps_high >= 0.0:
         raise ValueError(f"eps_high must be >= 0, got {eps_high!r}")
     if clip_c is not None and not dual_clip:
@@ -151,7 +151,7 @@ def cispo_loss(logp, old_logp, advantages, *, mask=None, eps_low, eps_high, clip
         pg_t = -sg(r_hat_t) * A_t * logp_t,     d pg_t / d logp_t = -r_hat_t A_t
 
     r = exp(clip(logp - old_logp, -20, 20)). Unlike the PPO clip no token loses its gradient: the
-    clip only bounds its weight (MiniMax-M1 sets no lower bound: eps_low = 1). The value of pg is
+    clip only bounds its weight (MiniMax-M1 sets no lower bound: eps_low near 1). The value of pg is
     the paper's (-r_hat A logp, as verl and TRL compute it), not on PPO's scale; only its gradient
     is the policy gradient. mask: unused (token-level). Returns (pg f32[batch, time],
     ClipIndicators: upper = r > 1 + eps_high, lower = r < 1 - eps_low, for any A).
