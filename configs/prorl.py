@@ -281,12 +281,14 @@ def v2_config() -> ml_collections.ConfigDict:
 
 def v2_demo_config() -> ml_collections.ConfigDict:
     """The CPU demo (demo_config) trained with ProRL v2's algorithm (v2_algorithm); the demo's
-    model, task, batch sizes and lr stay the demo's. The cosine penalty is on from step 0 at
-    coefficient 0.5 (a 2-token task has little length to shape) and 1.0 from step 50, a stage
-    boundary with its reference reset."""
+    model, task, batch sizes and lr stay the demo's. The cosine penalty is scheduled as in
+    v2_config: off (coefficient 0) for the first 50 steps, then on at 1.0 after a stage boundary
+    with its reference reset. (Switched on from step 0, it drives the near-random policy to the
+    shortest wrong answer - a 1-token stop scores above a 2-token wrong digit - and learning
+    stalls at reward 0.)"""
     c = v2_algorithm(demo_config())
     c.reset.interval_steps = 0        # the stage boundary at step 50 resets instead
-    c.stages = ("steps=50,reward.length_penalty_coef=0.5;"
+    c.stages = ("steps=50,reward.length_penalty_coef=0.0;"
                 "steps=50,reward.length_penalty_coef=1.0")
     return c
 

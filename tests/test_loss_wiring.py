@@ -3,12 +3,14 @@ field), reward shaping with the cosine length penalty, advantages by estimator, 
 an off-policy correction (its denominator is the corrected mask of the whole mini-batch), and a
 short loop with ProRL v2's algorithm."""
 import dataclasses
+import json
 
 import jax
 import numpy as np
 import pytest
 
 from configs import prorl
+from fixtures.launcher import load_launcher
 from prorl_jax import batching
 from prorl_jax import config as config_lib
 from prorl_jax import sharding as S
@@ -191,6 +193,32 @@ def test_update_normalizers_and_missing_sampler_logp():
                              state_shardings=S.tree_shardings(fresh_state(), mesh))
     with pytest.raises(ValueError, match="needs batch\\['sampler_logp'\\]"):
         step(fresh_state(), batch)
+
+
+# ----------------------------------------------------------------------------- the sweep
+def test_sweep_over_corrections(tmp_path, capsys):
+    """--grid 'loss.correction=none,icepop': one valid run per kind, and the summary gains the
+    mean correction metrics."""
+    sweep = load_launcher("sweep")
+    rc = sweep.main(["--config=configs/prorl.py:demo", "--grid", "loss.correction=none,icepop",
+                     f"--workdir={tmp_path}", "--dry-run", "--program", "train"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and [line.split()[-1] for line in lines] == [
+        "--config.loss.correction=none", "--config.loss.correction=icepop"]
+    runs = []
+    for kind, frac in (("none", 0.0), ("icepop", 0.25)):
+        cfg = prorl.get_config("demo")
+        cfg.loss.correction = kind
+        config_lib.validate(cfg)
+        workdir = tmp_path / f"correction={kind}"
+        workdir.mkdir()
+        rows = [{"step": s, "reward/mean": 0.5, "correction/masked_frac": frac * s,
+                 "correction/mismatch_k3": 1e-3} for s in (1, 2)]
+        (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs.append({"name": f"correction={kind}", "workdir": str(workdir), "returncode": 0})
+    summaries = sweep.write_summary(runs, str(tmp_path / "summary.md"))
+    assert [s["mean correction/masked_frac"] for s in summaries] == [0.0, 0.375]
+    assert "mean correction/mismatch_k3" in (tmp_path / "summary.md").read_text()
 
 
 # ----------------------------------------------------------------------------- the loop

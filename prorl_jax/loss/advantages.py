@@ -114,8 +114,10 @@ def reinforce_pp_baseline_advantages(rewards, group_size: int, lengths, eps=1e-6
 
     L_i = lengths[i], response i's length in loss tokens (int[N], >= 0): the whitening is over
     every response token of the batch, as verl's masked_whiten of the token-level advantages (a
-    response with L_i = 0, e.g. overlong-filtered, does not count). Hu et al. 2025, REINFORCE++
-    (arXiv 2501.03262). A batch with no loss token gets zeros.
+    response with L_i = 0, e.g. overlong-filtered, does not count); sd is algorithm.md's
+    population form (verl applies Bessel's correction and divides by sqrt(var + 1e-8): the same
+    to ~1 / sum_i L_i). Hu et al. 2025, REINFORCE++ (arXiv 2501.03262). A batch with no loss
+    token gets zeros.
     Example: R = [1, 0], L = [1, 3] -> a = [0.5, -0.5], mu = -0.25, sd = sqrt(3) / 4,
     A = [sqrt(3), -1 / sqrt(3)] (up to eps).
     """

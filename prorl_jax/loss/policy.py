@@ -117,7 +117,7 @@ def policy_gradient_loss(logp, old_logp, advantages, *, mask=None, eps_low, eps_
 
 def gspo_loss(logp, old_logp, advantages, *, mask, eps_low, eps_high, clip_c=None):
     """"gspo": GSPO's clipped sequence-level ratio (Zheng et al. 2025, "Group Sequence Policy
-    Optimization", arXiv 2507.18071, eq. 5-7), as a per-token loss.
+    Optimization", arXiv 2507.18071), as a per-token loss.
 
         J = E_b[ min(s_b A_b, clip(s_b, 1 - eps_low, 1 + eps_high) A_b) ],
         s_b = (pi(y_b) / pi_old(y_b)) ^ (1 / |y_b|) = exp(sum_t m_bt log r_bt / |y_b|)
@@ -145,7 +145,7 @@ def gspo_loss(logp, old_logp, advantages, *, mask, eps_low, eps_high, clip_c=Non
 
 
 def cispo_loss(logp, old_logp, advantages, *, mask=None, eps_low, eps_high, clip_c=None):
-    """"cispo": CISPO's clipped IS-weight policy gradient (MiniMax-M1, arXiv 2506.13585, eq. 3-5).
+    """"cispo": CISPO's clipped IS-weight policy gradient (MiniMax-M1, arXiv 2506.13585).
 
         J = E[ sg(r_hat_t) A_t log pi(o_t) ],   r_hat = clip(r, 1 - eps_low, 1 + eps_high)
         pg_t = -sg(r_hat_t) * A_t * logp_t,     d pg_t / d logp_t = -r_hat_t A_t
