@@ -1,4 +1,4 @@
-"""Checkpoints of a run (Orbax) and the export of the policy as a Hugging Face directory.
+"""Checkpoints of a run (Orbax); `prorl_jax.export` turns one into a Hugging Face directory.
 
 A checkpoint at step s is a directory <dir>/<s>/ holding two items:
     state: the TrainState (policy, reference, optimizer state, step) as sharded arrays;
@@ -18,8 +18,6 @@ import json
 import os
 from typing import Any, Mapping, Optional
 
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from prorl_jax.fields import Section, field, int_at_least
@@ -85,16 +83,39 @@ class Checkpointer:
         abstract_state: a TrainState of jax.ShapeDtypeStruct with shardings (see
         train_state.abstract_state); the arrays are read directly into those shardings.
         """
+        step = self._complete_step(step)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state._asdict()),
+                                  extra=ocp.args.JsonRestore())
+        restored = self._manager.restore(step, args=args)
+        return TrainState(**restored["state"]), dict(restored["extra"] or {})
+
+    def restore_extra(self, step: Optional[int] = None) -> dict:
+        """The extra JSON document of checkpoint `step` (default: the latest), no arrays."""
+        step = self._complete_step(step)
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            extra=ocp.args.JsonRestore()))
+        return dict(restored["extra"] or {})
+
+    def restore_part(self, name: str, abstract: Any, step: Optional[int] = None) -> Any:
+        """One TrainState field ("params", "ref_params", ...) of checkpoint `step`, reading
+        only its arrays (not the optimizer state) into `abstract`'s shardings."""
+        step = self._complete_step(step)
+        item = {name: abstract}
+        state = ocp.args.PyTreeRestore(
+            item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True)
+        return self._manager.restore(step, args=ocp.args.Composite(state=state))["state"][name]
+
+    def _complete_step(self, step: Optional[int]) -> int:
+        """`step`, or the latest when None; FileNotFoundError naming the directory if there
+        is no such complete checkpoint."""
         step = self.latest_step() if step is None else int(step)
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no complete checkpoint to restore")
         if step not in self.all_steps():
             raise FileNotFoundError(f"{self.directory}: no checkpoint for step {step} "
                                     f"(have {self.all_steps()})")
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state._asdict()),
-                                  extra=ocp.args.JsonRestore())
-        restored = self._manager.restore(step, args=args)
-        return TrainState(**restored["state"]), dict(restored["extra"] or {})
+        return step
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager's threads."""
@@ -105,25 +126,3 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def export_hf(params: Any, config: Any, path: str, *, dtype: Any = None) -> Optional[str]:
-    """Writes the policy as a Hugging Face directory (config.json + safetensors) at `path`.
-
-    params: the policy's nnx.State (sharded or not, across hosts or not); config: its
-    Qwen2Config; dtype: stored dtype (default config.param_dtype). Every process must call it
-    (sharded arrays are gathered); process 0 writes. Returns path on process 0, else None.
-    """
-    from prorl_jax.models.hf_io import save_pretrained  # lazy: weight I/O is its own module
-
-    host_params = jax.tree.map(_gather_to_host, params)
-    if jax.process_index() != 0:
-        return None
-    return save_pretrained(host_params, path, config=config, dtype=dtype)
-
-
-def _gather_to_host(x: Any) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)

@@ -39,6 +39,7 @@ from prorl_jax.fields import ConfigError, Section, above, at_least, field, int_a
 from prorl_jax.loss import (AGG_MODES, CORRECTIONS, DEFAULT_CHUNK_SIZE, KL_KINDS, POLICY_LOSSES,
                             compute_loss, loss_normalizers, token_logprobs)
 from prorl_jax.loss import loss_denominator, token_counts  # noqa: F401 (used as U.* by tests)
+from prorl_jax.rollout.base import SAMPLING_TEMPERATURE
 from prorl_jax.sharding import batch_sharding, batch_shards, replicated
 from prorl_jax.train_state import TrainState, optimizer_count
 
@@ -60,8 +61,8 @@ class UpdateConfig(Section):
     max_response_tokens, see `seq_norm_len`); temperature: sampling temperature, applied to the
     logits before log-softmax (paper 1.2); micro_batch_rows: rows per gradient-accumulation
     micro-batch (0: the whole mini-batch); logprob_chunk: tokens per chunk of the fused LM-head
-    log-softmax; kl_clamped: clamp d and every KL estimate (v2's k2); policy_loss:
-    loss.POLICY_LOSSES (ppo; gspo needs agg_mode seq-mean-token-mean, the dual clip needs ppo);
+    log-softmax; kl_clamp: clamp d and every KL estimate (v2's k2); policy_loss:
+    loss.POLICY_LOSSES (ppo; gspo needs agg_mode seq-mean-token-mean; cispo has no dual clip);
     correction, correction_low, correction_high: the off-policy correction (loss.CORRECTIONS)
     and its bounds on r_is (each kind takes the bounds CORRECTIONS names; the others unused);
     max_response_tokens: the rollout's response limit.
@@ -76,10 +77,10 @@ class UpdateConfig(Section):
     entropy_coef: float = field("loss.entropy_coef", 0.0, "a number", lambda v: True)
     norm_len: Optional[int] = field("loss.norm_len", None, "0 (off) or an integer > 0",
                                     int_at_least(1)[1], off=0)
-    temperature: float = field("rollout.temperature", 1.0, *above(0))
+    temperature: float = field("rollout.temperature", 1.0, *SAMPLING_TEMPERATURE)
     micro_batch_rows: int = field("batch.micro_batch_rows", 0, *int_at_least(0))
     logprob_chunk: int = field("model.logprob_chunk", DEFAULT_CHUNK_SIZE, *int_at_least(1))
-    kl_clamped: bool = field("loss.kl_clamp", False)
+    kl_clamp: bool = field("loss.kl_clamp", False)
     policy_loss: str = field("loss.policy_loss", "ppo", choices=tuple(POLICY_LOSSES))
     correction: str = field("loss.correction", "none", choices=tuple(CORRECTIONS))
     correction_low: float = field("loss.correction_low", 0.5, *above(0))
@@ -90,9 +91,10 @@ class UpdateConfig(Section):
         if self.policy_loss == "gspo" and self.agg_mode != "seq-mean-token-mean":
             raise ConfigError(f"config.loss.policy_loss='gspo' averages over responses: it needs "
                               f"config.loss.agg_mode='seq-mean-token-mean', got {self.agg_mode!r}")
-        if self.clip_c is not None and self.policy_loss != "ppo":
+        if self.clip_c is not None and self.policy_loss not in ("ppo", "gspo"):
             raise ConfigError(f"config.loss.clip_c={self.clip_c}: the dual clip is defined for "
-                              f"config.loss.policy_loss='ppo' only, got {self.policy_loss!r}")
+                              f"config.loss.policy_loss 'ppo' and 'gspo' only, got "
+                              f"{self.policy_loss!r}")
         low, high = self.correction_bounds()
         if low is not None and high is not None and low > high:
             raise ConfigError(f"config.loss.correction_low={low} must not exceed "
@@ -174,7 +176,7 @@ def micro_batch_loss(params: nnx.State, graphdef: nnx.GraphDef, batch: Mapping[s
     return compute_loss(
         logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], batch["loss_mask"],
         eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, kl_kind=cfg.kl_kind,
-        kl_clamped=cfg.kl_clamped, agg_mode=cfg.agg_mode, policy_loss=cfg.policy_loss,
+        kl_clamp=cfg.kl_clamp, agg_mode=cfg.agg_mode, policy_loss=cfg.policy_loss,
         clip_c=cfg.clip_c, entropy=entropy, entropy_coef=cfg.entropy_coef,
         norm_len=cfg.seq_norm_len, sampler_logp=batch.get("sampler_logp"),
         correction=cfg.correction, correction_low=low, correction_high=high,

@@ -15,8 +15,25 @@ def test_shape_rewards_stop_penalty_and_soft_overlong():
                                 soft_overlong_factor=1.0)
     out = batching.shape_rewards(r, lengths, trunc, max_len=100, cfg=cfg)
     np.testing.assert_allclose(out, [1.0, 1.0 - 10 / 20, 0.5 - 15 / 20, 0.0 - 20 / 20])
-    same = batching.shape_rewards(r, lengths, trunc, max_len=100, cfg=batching.RewardConfig())
+    same = batching.shape_rewards(r, lengths, trunc, max_len=100,
+                                  cfg=batching.RewardConfig())  # truncated_reward None: off
     np.testing.assert_array_equal(same, r)
+    # A penalty below 0 is a value like any other (it used to mean "off").
+    neg = batching.shape_rewards(r, lengths, trunc, max_len=100,
+                                 cfg=batching.RewardConfig(truncated_reward=-0.5))
+    np.testing.assert_array_equal(neg, [1.0, 1.0, 0.5, -0.5])
+
+
+def test_advantages_follow_the_advantage_config():
+    groups = [batching.Group({}, [1], [[2]] * 4, [np.zeros(1)] * 4, ["stop"] * 4,
+                             np.array(r, np.float32), np.array(r, np.float32))
+              for r in ([1.0, 0.8, 0.0, 0.4], [1.0, 1.0, 1.0, 1.0])]
+    adv = batching.advantages(groups, 4, batching.AdvantageConfig())
+    centred = np.array([0.45, 0.25, -0.55, -0.15])
+    np.testing.assert_allclose(adv[:4], centred / (np.std(centred, ddof=1) + 1e-6), rtol=1e-5)
+    assert np.all(adv[4:] == 0)  # identical rewards: exactly 0
+    dr_grpo = batching.advantages(groups, 4, batching.AdvantageConfig(std_normalize=False))
+    np.testing.assert_allclose(dr_grpo[:4], centred, rtol=1e-5)
 
 
 def test_informative_groups():

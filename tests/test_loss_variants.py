@@ -169,6 +169,11 @@ def test_gspo_hand_values():
         "seq-mean-token-mean"))(logp)
     # response 0 clipped: 0; response 1: -A s m_t / |y| / (2 responses) = 2 * 1 / 2 / 2
     np.testing.assert_allclose(grad, [[0.0, 0.0, 0.0], [0.5, 0.5, 0.0]], rtol=1e-6, atol=0)
+    # the dual clip on s: A < 0, s = 2 > clip_c = 1.5 -> pg = -A clip_c = 1.5, no gradient
+    pg, clip = policy_jit("gspo", logp, old, jnp.array([1.0, -1.0]), mask=mask, eps_low=0.2,
+                          eps_high=0.4, clip_c=1.5)
+    np.testing.assert_allclose(pg[1], [1.5] * 3, rtol=1e-6)
+    np.testing.assert_array_equal(clip.dual, [[False] * 3, [True] * 3])
 
 
 def test_cispo_hand_values():
@@ -196,7 +201,7 @@ def test_policy_loss_registry_and_errors():
     with pytest.raises(ValueError, match="policy_loss='grpo'"):
         L.policy_loss("grpo", logp, old_logp, adv, mask=mask, eps_low=0.2, eps_high=0.28)
     with pytest.raises(ValueError, match="clip_c=3.0: the dual clip"):
-        L.policy_loss("gspo", logp, old_logp, adv, mask=mask, eps_low=0.2, eps_high=0.28,
+        L.policy_loss("cispo", logp, old_logp, adv, mask=mask, eps_low=0.2, eps_high=0.28,
                       clip_c=3.0)
 
 

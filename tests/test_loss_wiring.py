@@ -32,7 +32,7 @@ def test_v2_preset_is_algorithm_md_s_recipe():
     assert s.advantage.estimator == "reinforce_pp_baseline"
     u = s.update
     assert (u.policy_loss, u.eps_low, u.eps_high, u.agg_mode) == ("ppo", 0.2, 0.27, "token-mean")
-    assert (u.kl_kind, u.kl_clamped, u.beta) == ("k2", True, 1e-4)
+    assert (u.kl_kind, u.kl_clamp, u.beta) == ("k2", True, 1e-4)
     assert (u.correction, u.correction_bounds()) == ("icepop", (0.5, 5.0))
     assert s.rollout.old_logp_source == "trainer"
     assert s.batch.dynamic_sampling and s.batch.max_generation_rounds == 10
@@ -83,7 +83,7 @@ def test_new_fields_are_read_from_their_keys_and_norm_len_0_is_the_response_limi
     cfg.batch.oversample = 1.25
     s = config_lib.settings(cfg)
     assert (s.update.policy_loss, s.update.correction, s.update.kl_kind) == ("cispo", "tis", "k1+")
-    assert s.update.correction_bounds() == (None, 3.0) and s.update.kl_clamped
+    assert s.update.correction_bounds() == (None, 3.0) and s.update.kl_clamp
     assert s.advantage.estimator == "rloo" and s.batch.prompts_per_round == 320
     w = s.reward
     assert (w.length_penalty, w.length_penalty_coef, w.cosine_correct_threshold) == \

@@ -33,3 +33,10 @@ def test_plateau_after_patience_and_state_round_trip():
     assert t2.check_step(11) == resets.PLATEAU
     t2.record_reset(11)
     assert t2.check_step(12) is None and t2.best_val is None
+
+
+def test_tracker_from_the_reset_config():
+    t = resets.ResetTracker.from_config(resets.ResetConfig(interval_steps=4, plateau_patience=2,
+                                                           kl_threshold=0.3))
+    assert (t.interval_steps, t.plateau_patience, t.kl_threshold) == (4, 2, 0.3)
+    assert t.check_step(4) == resets.INTERVAL and t.check_step(1, kl=0.5) == resets.KL

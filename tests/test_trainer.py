@@ -18,15 +18,7 @@ from prorl_jax.trainer import NonFiniteError, Trainer
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _compile_cache(tmp_path_factory):
-    """Reuse compiled executables across the Trainer instances of this module."""
-    import jax
-    old = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jaxcache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield
-    jax.config.update("jax_compilation_cache_dir", old)
+pytestmark = pytest.mark.usefixtures("trainer_compile_cache")  # conftest.py
 
 
 def small_config(**overrides):

@@ -83,7 +83,7 @@ def _correction_metrics(old_logp, sampler_logp, mask, corrected, weight, counts:
 
 
 def compute_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low, eps_high, beta,
-                 kl_kind: str = "k3", kl_clamped: bool = False, agg_mode: str = "token-mean",
+                 kl_kind: str = "k3", kl_clamp: bool = False, agg_mode: str = "token-mean",
                  policy_loss: str = "ppo",
                  clip_c=None, entropy=None, entropy_coef=0.0, norm_len=None, sampler_logp=None,
                  correction: str = "none", correction_low=None, correction_high=None,
@@ -94,7 +94,7 @@ def compute_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low, eps_hig
     old (the update's start) and reference policies (only logp carries gradient); advantages:
     f32[batch] (or [batch, time]); mask: [batch, time], 1 on response tokens that count; entropy:
     optional f32[batch, time] entropy of the current policy at each position (it carries gradient
-    when entropy_coef != 0). kl_clamped: kl_estimate's clamps for every kind. policy_loss: a
+    when entropy_coef != 0). kl_clamp: kl_estimate's clamps for every kind. policy_loss: a
     POLICY_LOSSES name. norm_len: see aggregate_loss.
     sampler_logp: optional f32[batch, time], the engine's log-probs of the sampled tokens;
     correction, correction_low, correction_high: importance_correction's kind, low, high.
@@ -119,7 +119,7 @@ def compute_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low, eps_hig
     pg, clip = policy_term(policy_loss, logp, old_logp, advantages, mask=loss_mask,
                            eps_low=eps_low, eps_high=eps_high, clip_c=clip_c)
     pg = weight * pg
-    kl = kl_estimate(logp, ref_logp, kl_kind, clamped=kl_clamped)
+    kl = kl_estimate(logp, ref_logp, kl_kind, clamped=kl_clamp)
     token_loss = pg + beta * kl
     if entropy is not None:
         token_loss = token_loss - entropy_coef * jnp.asarray(entropy, jnp.float32)

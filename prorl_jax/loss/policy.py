@@ -17,6 +17,7 @@ A new variant is one function with this signature and one entry in POLICY_LOSSES
     gspo   GSPO (Zheng et al. 2025, arXiv 2507.18071), the length-normalised sequence ratio:
                s_b = exp(clip(sum_t m log r_bt / max(sum_t m, 1), -20, 20))   (geometric mean)
                pg_bt = max(-A_b s_b, -A_b clip(s_b, 1 - eps_low, 1 + eps_high))
+               dual clip as ppo's, on s_b (GSPO's paper has none: clip_c None)
     cispo  CISPO (MiniMax-M1, arXiv 2506.13585), a clipped, stop-gradient IS weight times the
            log-prob (no token is ever dropped from the gradient):
                pg = -sg(clip(r, 1 - eps_low, 1 + eps_high)) * A * logp
@@ -45,8 +46,8 @@ LOG_RATIO_CLAMP = 20.0
 class ClipIndicators(NamedTuple):
     """Where each clip is active, bool[batch, time] each (per loss: see its docstring).
 
-    ppo, gspo: upper: ratio > 1 + eps_high and A > 0; lower: ratio < 1 - eps_low and A < 0
-    (the ratio is r for ppo, s_b for gspo); dual: the dual clip replaced the loss.
+    ppo, gspo: upper: ratio > 1 + eps_high and A > 0; lower: ratio < 1 - eps_low and A < 0;
+    dual: the dual clip replaced the loss (the ratio is r for ppo, s_b for gspo).
     cispo: upper / lower: the IS weight was clipped (r above / below the range, any A); dual: never.
     """
     upper: jnp.ndarray
@@ -67,8 +68,8 @@ def _check_clip_args(eps_low, eps_high, clip_c, *, dual_clip: bool = True) -> No
     if is_concrete_number(eps_high) and not eps_high >= 0.0:
         raise ValueError(f"eps_high must be >= 0, got {eps_high!r}")
     if clip_c is not None and not dual_clip:
-        raise ValueError(f"clip_c={clip_c!r}: the dual clip is defined for the token PPO clip "
-                         "(policy_loss='ppo') only; pass clip_c=None")
+        raise ValueError(f"clip_c={clip_c!r}: the dual clip is defined for the clipped "
+                         "surrogates (policy_loss 'ppo', 'gspo') only; pass clip_c=None")
     if clip_c is not None and is_concrete_number(clip_c) and not clip_c > 1.0:
         raise ValueError(f"clip_c (dual clip) must be > 1 or None, got {clip_c!r}")
 
@@ -93,6 +94,15 @@ def _clipped_surrogate(ratio, adv, eps_low, eps_high):
     return pg, (ratio > 1.0 + eps_high) & (adv > 0), (ratio < 1.0 - eps_low) & (adv < 0)
 
 
+def _dual_clip(pg, adv, clip_c):
+    """(min(pg, -A clip_c) where A < 0, where it bit); pg unchanged without clip_c."""
+    if clip_c is None:
+        return pg, jnp.zeros(pg.shape, bool)
+    dual_bound = -adv * clip_c
+    dual = (adv < 0) & (pg > dual_bound)
+    return jnp.where(dual, dual_bound, pg), dual
+
+
 def policy_gradient_loss(logp, old_logp, advantages, *, mask=None, eps_low, eps_high,
                          clip_c=None):
     """"ppo": the per-token clipped policy loss (module doc) and where the clips are active.
@@ -106,12 +116,7 @@ def policy_gradient_loss(logp, old_logp, advantages, *, mask=None, eps_low, eps_
     adv = broadcast_advantages(advantages, jnp.shape(logp))
     ratio = jnp.exp(log_ratio(logp, old_logp))
     pg, upper, lower = _clipped_surrogate(ratio, adv, eps_low, eps_high)
-    if clip_c is None:
-        dual = jnp.zeros_like(upper)
-    else:
-        dual_bound = -adv * clip_c
-        dual = (adv < 0) & (pg > dual_bound)
-        pg = jnp.where(dual, dual_bound, pg)
+    pg, dual = _dual_clip(pg, adv, clip_c)
     return pg, ClipIndicators(upper=upper, lower=lower, dual=dual)
 
 
@@ -127,10 +132,11 @@ def gspo_loss(logp, old_logp, advantages, *, mask, eps_low, eps_high, clip_c=Non
     pg_bt = max(-A_b s_b, -A_b clip(s_b)); aggregated with "seq-mean-token-mean" (GSPO's mean over
     responses) the loss is J's negation and d pg_b / d logp_bt = -A_b s_b m_bt / |y_b| where
     unclipped. GSPO-token's s_bt = sg(s_b) pi_bt / sg(pi_bt) (verl) has this same gradient when
-    A is constant over a response, as every estimator here makes it. Returns (pg f32[batch, time],
-    ClipIndicators) with the indicators of s_b on all of b's tokens. No dual clip.
+    A is constant over a response, as every estimator here makes it. clip_c: the dual clip on
+    s_b (module doc; not in GSPO's paper). Returns (pg f32[batch, time], ClipIndicators) with
+    the indicators of s_b on all of b's tokens.
     """
-    _check_clip_args(eps_low, eps_high, clip_c, dual_clip=False)
+    _check_clip_args(eps_low, eps_high, clip_c)
     mask = jnp.asarray(mask, jnp.float32)
     check_ndim("mask", mask, 2, "[batch, time]")
     check_same_shape(logp=jnp.asarray(logp), old_logp=jnp.asarray(old_logp), mask=mask)
@@ -141,7 +147,8 @@ def gspo_loss(logp, old_logp, advantages, *, mask, eps_low, eps_high, clip_c=Non
                   -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     s = jnp.broadcast_to(jnp.exp(log_s), mask.shape)
     pg, upper, lower = _clipped_surrogate(s, adv, eps_low, eps_high)
-    return pg, ClipIndicators(upper=upper, lower=lower, dual=jnp.zeros_like(upper))
+    pg, dual = _dual_clip(pg, adv, clip_c)
+    return pg, ClipIndicators(upper=upper, lower=lower, dual=dual)
 
 
 def cispo_loss(logp, old_logp, advantages, *, mask=None, eps_low, eps_high, clip_c=None):

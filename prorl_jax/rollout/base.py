@@ -68,6 +68,7 @@ class RolloutBatch:
 
 ENGINES = ("auto", "jax", "vllm")
 OLD_LOGP_SOURCES = ("trainer", "sampler")
+SAMPLING_TEMPERATURE = above(0)  # (expected, ok) of rollout.temperature (also the update's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +85,7 @@ class RolloutConfig(Section):
     weights_dir: str = field("rollout.weights_dir", "")
     timeout_s: float = field("rollout.timeout_s", 3600.0, *above(0))
     n: int = field("rollout.n", 16, *int_at_least(1))
-    temperature: float = field("rollout.temperature", 1.2, *above(0))
+    temperature: float = field("rollout.temperature", 1.2, *SAMPLING_TEMPERATURE)
     top_p: float = field("rollout.top_p", 1.0, "in (0, 1]", lambda v: 0 < v <= 1)
     max_response_tokens: int = field("rollout.max_response_tokens", 8192, *int_at_least(1))
     old_logp_source: str = field("rollout.old_logp_source", "trainer", choices=OLD_LOGP_SOURCES)
