@@ -2,6 +2,8 @@
 
     python -m prorl_jax.main --config=configs/prorl.py            # the paper's recipe
     python -m prorl_jax.main --config=configs/prorl.py:demo       # tiny CPU demo that learns
+    python -m prorl_jax.main --config=configs/prorl.py:v2         # NVIDIA's ProRL v2 recipe
+    python -m prorl_jax.main --config=configs/prorl.py:v2_demo    # the demo with v2's algorithm
     python -m prorl_jax.main --config=configs/prorl.py --config.loss.eps_high=0.28
 
 Every field is documented here, where it is defined, with the paper's value (ProRL, arXiv
@@ -74,20 +76,44 @@ def paper_config() -> ml_collections.ConfigDict:
     b.dynamic_sampling = True         # drop groups whose rewards are all equal, refill
     b.max_generation_rounds = 4       # bound on refill rounds; past it train on what survived
     b.length_bucket = 512             # sequences are padded to a multiple of this
+    b.oversample = 1.0                # prompts rolled out per generation round, as a multiple
+                                      # of prompts_per_step (rounded up; ProRL v2: 1.5)
 
     c.loss = l = ml_collections.ConfigDict()
     l.eps_low = 0.2                   # clip ratio below: r >= 1 - eps_low
     l.eps_high = 0.4                  # clip-higher (DAPO): r <= 1 + eps_high
     l.clip_c = 0.0                    # dual clip c (>1) for A < 0; 0 disables
     l.beta = 1e-4                     # KL coefficient
-    l.kl_kind = "k3"                  # "k1", "k2", "k3" (low-variance KL, ProRL); "k1+", "k2+",
-                                      # "k3+": that value with k2's gradient (straight-through)
+    l.kl_kind = "k3"                  # "k1", "k2", "k3" (low-variance KL, ProRL); "k1+",
+                                      # "k3+": that value with k2's gradient (straight-through,
+                                      # verl's "kl+"/"low_var_kl+"; "k2+" would be k2 itself)
+    l.kl_clamp = False                # clamp d to [-20, 20] and the estimate to [-10, 10] for
+                                      # every kind (k3 always is; ProRL v2's k2: True)
+    l.policy_loss = "ppo"             # "ppo": token-level clip (ProRL); "gspo": clipped
+                                      # length-normalised sequence ratio (Zheng et al. 2025;
+                                      # needs agg_mode seq-mean-token-mean; paper eps 3e-4/4e-4);
+                                      # "cispo": clipped stop-gradient IS weight x log-prob
+                                      # (MiniMax-M1 2025); prorl_jax.loss.POLICY_LOSSES
     l.agg_mode = "token-mean"         # token-mean | seq-mean-token-mean | seq-mean-token-sum |
                                       # seq-mean-token-sum-norm
-    l.norm_len = 0                    # the fixed length of seq-mean-token-sum-norm (0: max resp.)
+    l.norm_len = 0                    # the fixed length of seq-mean-token-sum-norm (0:
+                                      # rollout.max_response_tokens)
+    l.correction = "none"             # off-policy correction of the sampler/trainer gap, on the
+                                      # engine's log-probs: "none" | "tis" (weight min(r, high))
+                                      # | "icepop" (mask tokens with r outside [low, high];
+                                      # ProRL v2) | "seq_mask" (mask responses whose geometric
+                                      # mean r is outside [low, high]); needs
+                                      # rollout.old_logp_source = "trainer"
+    l.correction_low = 0.5            # its lower bound on r (icepop, seq_mask; v2's ICE-POP 0.5;
+                                      # seq_mask e.g. 0.999)
+    l.correction_high = 5.0           # its upper bound (tis e.g. 2; v2's ICE-POP 5; seq_mask
+                                      # e.g. 1.002)
+    l.adv_estimator = "grpo"          # "grpo" (ProRL), "rloo" (leave-one-out baseline) or
+                                      # "reinforce_pp_baseline" (ProRL v2: group mean, then
+                                      # whitened over the batch's tokens)
     l.entropy_coef = 0.0              # entropy bonus (paper: 0)
-    l.adv_std_normalize = True        # divide by the std (False: Dr.GRPO)
-    l.adv_std_scope = "group"         # "group" or "batch"
+    l.adv_std_normalize = True        # grpo: divide by the std (False: Dr.GRPO)
+    l.adv_std_scope = "group"         # grpo: "group" or "batch"
 
     c.reward = w = ml_collections.ConfigDict()
     w.think_mode = "require"          # "require": no </think> -> unanswered (0); "optional"
@@ -97,6 +123,19 @@ def paper_config() -> ml_collections.ConfigDict:
                                       # None: keep the verifier's reward
     w.soft_overlong_buffer = 0        # DAPO soft overlong penalty buffer in tokens (0: off)
     w.soft_overlong_factor = 1.0      # its maximum penalty
+    w.length_penalty = "none"         # "cosine": the cosine length-scaling reward of Yeo et al.
+                                      # 2025 (ProRL v2's length penalty): r_end + (r_start -
+                                      # r_end) (1 + cos(pi L / L_max)) / 2, L_max =
+                                      # rollout.max_response_tokens
+    w.length_penalty_coef = 1.0       # its weight c in [0, 1]: reward = (1 - c) R + c cosine.
+                                      # Stages switch the penalty on (reward.length_penalty=
+                                      # cosine) or ramp c stage by stage; within a stage c is
+                                      # constant
+    w.cosine_correct_threshold = 1.0  # a reward >= this is "correct" (partial credit is wrong)
+    w.cosine_correct_start = 1.0      # (r_start, r_end) of a correct answer: at L = 0, at L_max
+    w.cosine_correct_end = 0.5
+    w.cosine_wrong_start = 0.0        # (r_start, r_end) of a wrong one
+    w.cosine_wrong_end = -0.5
     w.num_workers = 0                 # scoring processes (0: all cores)
     w.timeout_s = 10.0                # per response
 
@@ -195,9 +234,79 @@ def demo_config() -> ml_collections.ConfigDict:
     return c
 
 
+def v2_algorithm(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """ProRL v2's algorithm (NVIDIA, Aug 2025; the published NeMo-RL/OpenRLHF recipes, as
+    shared/docs/algorithm.md "ProRL v2" lists it) applied to config `c`, in place."""
+    c.loss.adv_estimator = "reinforce_pp_baseline"  # REINFORCE++-baseline advantages
+    c.loss.policy_loss = "ppo"        # PPO clip, token level ...
+    c.loss.eps_low = 0.2              # ... 0.2 below
+    c.loss.eps_high = 0.27            # ... 0.27 above
+    c.loss.agg_mode = "token-mean"
+    c.loss.kl_kind = "k2"             # k2 KL ...
+    c.loss.kl_clamp = True            # ... d clamped to [-20, 20] before, the estimate to
+                                      # [-10, 10] after
+    c.loss.beta = 1e-4                # ... with beta 1e-4
+    c.batch.dynamic_sampling = True   # dynamic sampling ...
+    c.batch.oversample = 1.5          # ... with 1.5x over-generation ...
+    c.batch.max_generation_rounds = 10  # ... and at most 10 generation rounds
+    c.reward.truncated_reward = 0.0   # truncated responses rewarded 0 ("stop properly") ...
+    c.reward.overlong_filter = False  # ... and kept in the loss, so that the 0 teaches stopping
+    c.loss.correction = "icepop"      # ICE-POP ...
+    c.loss.correction_low = 0.5       # ... [0.5, 5] ...
+    c.loss.correction_high = 5.0
+    c.rollout.old_logp_source = "trainer"  # ... on the sampler's log-probs (old_logp: trainer's)
+    c.reward.length_penalty = "cosine"  # the "scheduled cosine length penalty" (Yeo et al.);
+                                      # its schedule is the stages' (see v2_config)
+    return c
+
+
+def v2_config() -> ml_collections.ConfigDict:
+    """NVIDIA's ProRL v2 recipe: v2_algorithm on the paper's model and data, with v2's batch
+    (512 prompts x 16 samples), lr 1e-6 and 8k response tokens.
+
+    Not published, so chosen here (documented, not v2's numbers): the cosine penalty's schedule
+    and when the reference is reset. Three stages of 1000 steps ramp the penalty's coefficient
+    0 -> 0.5 -> 1 (reward.length_penalty_coef), and each stage boundary resets the reference
+    (v2 resets it; reset.on_stage_boundary). Not stated for v2 and kept from ProRL: the
+    mini-batch (64 prompts, 8 updates per step), temperature 1.2, AdamW's other settings, the
+    validation settings.
+    """
+    c = v2_algorithm(paper_config())
+    c.optim.lr = 1e-6                 # v2: 1e-6 (constant)
+    c.batch.prompts_per_step = 512    # v2: 512 prompts ...
+    c.rollout.n = 16                  # ... x 16 samples
+    c.rollout.max_response_tokens = 8192  # v2: 8k response tokens (no 16k stage)
+    c.total_steps = 3000
+    c.stages = ("steps=1000,reward.length_penalty_coef=0.0;"
+                "steps=1000,reward.length_penalty_coef=0.5;"
+                "steps=1000,reward.length_penalty_coef=1.0")
+    c.reset.on_stage_boundary = True  # a reference reset at each stage boundary
+    return c
+
+
+def v2_demo_config() -> ml_collections.ConfigDict:
+    """The CPU demo (demo_config) trained with ProRL v2's algorithm (v2_algorithm): the demo's
+    model, task and batch sizes, and demo-sized choices of its own. lr 1e-3, not the demo's
+    3e-3: with REINFORCE++-baseline advantages 3e-3 collapses the entropy at a reward of ~0.65
+    (GRPO's advantages got 0.94 there). 150 steps, the cosine penalty scheduled as in v2_config:
+    off (coefficient 0) for 75 steps, then on at 1.0 after a stage boundary with its reference
+    reset. (Switched on while the reward is still low - from step 0, or at step 50 - it drives
+    the policy to the shortest wrong answer, a 1-token stop scoring above a 2-token wrong digit,
+    and the reward falls to 0 for good.)"""
+    c = v2_algorithm(demo_config())
+    c.optim.lr = 1e-3
+    c.total_steps = 150
+    c.reset.interval_steps = 0        # the stage boundary at step 75 resets instead
+    c.stages = ("steps=75,reward.length_penalty_coef=0.0;"
+                "steps=75,reward.length_penalty_coef=1.0")
+    return c
+
+
 def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
-    """`configs/prorl.py` -> the paper's recipe; `configs/prorl.py:demo` -> the CPU demo."""
-    presets = {"paper": paper_config, "demo": demo_config}
+    """`configs/prorl.py` -> the paper's recipe; `:demo` -> the CPU demo; `:v2` -> ProRL v2;
+    `:v2_demo` -> the CPU demo with v2's algorithm."""
+    presets = {"paper": paper_config, "demo": demo_config, "v2": v2_config,
+               "v2_demo": v2_demo_config}
     if preset not in presets:
         raise ValueError(f"configs/prorl.py: unknown preset {preset!r}; expected one of "
                          f"{sorted(presets)}")

@@ -9,7 +9,8 @@ Each point of the cartesian product runs `PROGRAM --config=CONFIG --workdir=DIR/
 substitutes another, e.g. for tests), with its output in DIR/<name>/log.txt. Then:
     DIR/summary.md   a table per run: exit code, steps, final and best reward/mean, mean reward
                      over the last tenth of steps, final KL / entropy / response length, resets,
-                     best validation pass@1 (when logged)
+                     best validation pass@1 and the mean off-policy-correction metrics
+                     (correction/masked_frac, correction/mismatch_k3), when logged
     DIR/compare.png  reward/mean and KL against step, one line per run
     DIR/sweep.json   the runs: name, overrides, command, exit code
 Values are split on commas, so a grid value cannot itself contain a comma.
@@ -30,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from prorl_jax.plot import MetricsError, read_metrics, series  # noqa: E402
 
 DEFAULT_PROGRAM = f"{shlex.quote(sys.executable)} -m prorl_jax.main"
+CORRECTION_KEYS = ("correction/masked_frac", "correction/mismatch_k3")
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
@@ -119,6 +121,10 @@ def summarize_run(run: dict) -> dict:
         vals = series(rows, key)[1]
         if vals:
             out[name] = vals[-1]
+    for key in CORRECTION_KEYS:
+        vals = series(rows, key)[1]
+        if vals:
+            out[f"mean {key}"] = sum(vals) / len(vals)
     val_keys = {k for r in rows for k in r if k.startswith("val/") and k.endswith("/pass@1")}
     for vk in sorted(val_keys):
         out[f"best {vk}"] = max(series(rows, vk)[1], default=float("nan"))
@@ -131,6 +137,7 @@ def write_summary(runs: list[dict], path: str) -> list[dict]:
     columns = ["name", "returncode", "steps", "reward_final", "reward_best", "reward_last_tenth",
                "kl_final", "entropy_final", "length_final", "resets"]
     columns += sorted({k for s in summaries for k in s if k.startswith("best val/")})
+    columns += [f"mean {k}" for k in CORRECTION_KEYS if any(f"mean {k}" in s for s in summaries)]
 
     def cell(v):
         if v is None:

@@ -14,6 +14,7 @@ B = groups * n rows (prompt-major), T = a multiple of `length_bucket` (one compi
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -28,12 +29,20 @@ from rewards.extract import THINK_MODES
 class BatchConfig(Section):
     """Prompts per step and their split (config.batch; documented in configs/prorl.py):
     prompts_per_step, mini_batch_prompts (must divide it), dynamic_sampling,
-    max_generation_rounds (the refill bound), length_bucket (T is a multiple of it)."""
+    max_generation_rounds (the refill bound), length_bucket (T is a multiple of it),
+    oversample (prompts rolled out per generation round, as a multiple of prompts_per_step)."""
     prompts_per_step: int = field("batch.prompts_per_step", 256, *int_at_least(1))
     mini_batch_prompts: int = field("batch.mini_batch_prompts", 64, *int_at_least(1))
     dynamic_sampling: bool = field("batch.dynamic_sampling", True)
     max_generation_rounds: int = field("batch.max_generation_rounds", 4, *int_at_least(1))
     length_bucket: int = field("batch.length_bucket", 512, *int_at_least(1))
+    oversample: float = field("batch.oversample", 1.0, *at_least(1))
+
+    @property
+    def prompts_per_round(self) -> int:
+        """ceil(oversample * prompts_per_step): the prompts of one generation round (rounded to
+        6 decimals first, so that 1.1 * 10 is 11)."""
+        return math.ceil(round(self.oversample * self.prompts_per_step, 6))
 
     def check(self):
         if self.prompts_per_step % self.mini_batch_prompts:
@@ -47,7 +56,9 @@ class RewardConfig(Section):
     (rewards THINK_MODES), overlong_filter (truncated responses out of the loss),
     truncated_reward (the reward of a truncated response, "stop properly"; None: the
     verifier's), soft_overlong_buffer / soft_overlong_factor (DAPO; buffer 0: off),
-    num_workers (scoring processes, 0: all cores), timeout_s (per response)."""
+    num_workers (scoring processes, 0: all cores), timeout_s (per response),
+    length_penalty (loss.LENGTH_PENALTIES: "cosine" is loss.cosine_length_reward, blended in by
+    length_penalty_coef), cosine_* (its correctness threshold and (r_start, r_end) ranges)."""
     think_mode: str = field("reward.think_mode", "require", choices=THINK_MODES)
     overlong_filter: bool = field("reward.overlong_filter", True)
     truncated_reward: Optional[float] = field("reward.truncated_reward", None, "a number or "
@@ -56,37 +67,69 @@ class RewardConfig(Section):
     soft_overlong_factor: float = field("reward.soft_overlong_factor", 1.0, *at_least(0))
     num_workers: int = field("reward.num_workers", 0, *int_at_least(0))
     timeout_s: float = field("reward.timeout_s", 10.0, *above(0))
+    length_penalty: str = field("reward.length_penalty", "none", choices=loss.LENGTH_PENALTIES)
+    length_penalty_coef: float = field("reward.length_penalty_coef", 1.0, "in [0, 1]",
+                                       lambda v: 0 <= v <= 1)
+    cosine_correct_threshold: float = field("reward.cosine_correct_threshold", 1.0, "a number",
+                                            lambda v: True)
+    cosine_correct_start: float = field("reward.cosine_correct_start", 1.0, "a number",
+                                        lambda v: True)
+    cosine_correct_end: float = field("reward.cosine_correct_end", 0.5, "a number",
+                                      lambda v: True)
+    cosine_wrong_start: float = field("reward.cosine_wrong_start", 0.0, "a number",
+                                      lambda v: True)
+    cosine_wrong_end: float = field("reward.cosine_wrong_end", -0.5, "a number", lambda v: True)
 
 
 @dataclasses.dataclass(frozen=True)
 class AdvantageConfig(Section):
-    """GRPO advantages (config.loss.adv_*): std_normalize (False: Dr.GRPO), std_scope
+    """Advantages (config.loss.adv_*): estimator (loss.ADVANTAGE_ESTIMATORS: grpo, rloo,
+    reinforce_pp_baseline), and grpo's std_normalize (False: Dr.GRPO) and std_scope
     (loss.STD_SCOPES: the group's std or the batch's)."""
+    estimator: str = field("loss.adv_estimator", "grpo",
+                           choices=tuple(loss.ADVANTAGE_ESTIMATORS))
     std_normalize: bool = field("loss.adv_std_normalize", True)
     std_scope: str = field("loss.adv_std_scope", "group", choices=loss.STD_SCOPES)
 
 
-def advantages(groups: Sequence["Group"], n: int, cfg: AdvantageConfig) -> np.ndarray:
-    """f32[groups * n]: the advantages of the groups' shaped rewards (algorithm.md step 5)."""
+def advantages(groups: Sequence["Group"], n: int, cfg: AdvantageConfig, *,
+               overlong_filter: bool = False) -> np.ndarray:
+    """f32[groups * n]: the advantages of the groups' shaped rewards (algorithm.md step 5),
+    by cfg.estimator; each response's length in loss tokens (0 when overlong filtering drops
+    it) weighs it in reinforce_pp_baseline's whitening."""
     rewards = np.concatenate([g.rewards for g in groups])
-    return np.asarray(loss.group_advantages(rewards, n, std_normalize=cfg.std_normalize,
-                                            std_scope=cfg.std_scope))
+    lengths = np.array([0 if overlong_filter and reason == FINISH_LENGTH else len(resp)
+                        for g in groups for resp, reason in zip(g.response_ids,
+                                                                g.finish_reasons)], np.int32)
+    return np.asarray(loss.compute_advantages(cfg.estimator, rewards, n, lengths=lengths,
+                                              std_normalize=cfg.std_normalize,
+                                              std_scope=cfg.std_scope))
 
 
 def shape_rewards(rewards: np.ndarray, lengths: np.ndarray, truncated: np.ndarray, *,
-                  max_len: int, truncated_reward: Optional[float] = None,
-                  soft_overlong_buffer: int = 0, soft_overlong_factor: float = 1.0) -> np.ndarray:
-    """Applies the overlong rules of algorithm.md to verifier rewards f32[N].
+                  max_len: int, cfg: RewardConfig) -> np.ndarray:
+    """Applies the overlong and length rules of algorithm.md to verifier rewards f32[N], in
+    this order (lengths in tokens, max_len = rollout.max_response_tokens):
 
-    truncated_reward (not None): reward of a response cut at max_len ("stop properly").
-    soft_overlong_buffer > 0: adds DAPO's `loss.soft_overlong_penalty` of each length.
+    1. cfg.truncated_reward (not None): the reward of a response cut at max_len ("stop
+       properly"; ProRL v2: 0).
+    2. cfg.length_penalty "cosine": R <- (1 - c) R + c cosine_length_reward(R, L, max_len) with
+       c = cfg.length_penalty_coef (a stage can switch it on, or ramp c stage by stage); a
+       truncated response's stop-properly reward counts as wrong.
+    3. cfg.soft_overlong_buffer > 0: adds DAPO's `loss.soft_overlong_penalty` of each length.
     """
     out = np.asarray(rewards, np.float32).copy()
-    if truncated_reward is not None:
-        out = np.where(truncated, np.float32(truncated_reward), out)
-    if soft_overlong_buffer > 0:
-        out += np.asarray(loss.soft_overlong_penalty(lengths, max_len, soft_overlong_buffer,
-                                                     soft_overlong_factor))
+    if cfg.truncated_reward is not None:
+        out = np.where(truncated, np.float32(cfg.truncated_reward), out)
+    if cfg.length_penalty == "cosine" and cfg.length_penalty_coef > 0:
+        cosine = np.asarray(loss.cosine_length_reward(
+            out, lengths, max_len, correct_threshold=cfg.cosine_correct_threshold,
+            correct_range=(cfg.cosine_correct_start, cfg.cosine_correct_end),
+            wrong_range=(cfg.cosine_wrong_start, cfg.cosine_wrong_end)))
+        out = (1.0 - cfg.length_penalty_coef) * out + cfg.length_penalty_coef * cosine
+    if cfg.soft_overlong_buffer > 0:
+        out += np.asarray(loss.soft_overlong_penalty(lengths, max_len, cfg.soft_overlong_buffer,
+                                                     cfg.soft_overlong_factor))
     return out.astype(np.float32)
 
 

@@ -184,6 +184,11 @@ def _validate_fields(cfg: ml_collections.ConfigDict) -> Settings:
     if 0 < micro < rows and rows % micro:
         raise ConfigError(f"config.batch.micro_batch_rows={micro} must divide the "
                           f"mini-batch's {rows} rows (mini_batch_prompts x rollout.n)")
+    if s.update.correction != "none" and rollout.old_logp_source != "trainer":
+        raise ConfigError(f"config.loss.correction={s.update.correction!r} corrects old_logp "
+                          "(the trainer's) towards the sampler's log-probs: it needs "
+                          "config.rollout.old_logp_source='trainer', got "
+                          f"{rollout.old_logp_source!r}")
     if batch.dynamic_sampling and rollout.n < 2:
         raise ConfigError("config.rollout.n must be >= 2 with config.batch.dynamic_sampling")
     if reward.soft_overlong_buffer > rollout.max_response_tokens:

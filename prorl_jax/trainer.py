@@ -35,7 +35,9 @@ from prorl_jax.update import make_logprob_fn, make_train_step
 _UPDATE_METRICS = {"pg_loss": "loss/policy", "loss": "loss/total", "kl": "kl",
                    "entropy": "entropy", "clip_frac_upper": "clip_frac/upper",
                    "clip_frac_lower": "clip_frac/lower", "clip_frac_dual": "clip_frac/dual",
-                   "approx_kl": "approx_kl", "grad_norm": "grad_norm", "lr": "lr"}
+                   "approx_kl": "approx_kl", "grad_norm": "grad_norm", "lr": "lr",
+                   **{k: k for k in ("correction/masked_frac", "correction/weight_mean",
+                                     "correction/mismatch_abs", "correction/mismatch_k3")}}
 
 
 class NonFiniteError(RuntimeError):
@@ -155,7 +157,7 @@ class Trainer:
         """One generation round: (groups, shaped rewards f32[P*n], generated tokens); the
         first round's reward and length statistics go into `stats`."""
         r, w = self.settings.rollout, self.settings.reward
-        prompts = self.prompts.next_batch(self.settings.batch.prompts_per_step)
+        prompts = self.prompts.next_batch(self.settings.batch.prompts_per_round)
         records = [p.record for p in prompts]
         with timer("rollout"):
             rollout = self.engine.generate(
@@ -164,11 +166,8 @@ class Trainer:
                 stop_token_ids=self.stop_ids, seed=_seed(self.settings.run.seed, step, rnd))
         with timer("reward"):
             raw = self.score([rec for rec in records for _ in range(r.n)], rollout.token_ids)
-            shaped = batching.shape_rewards(
-                raw, rollout.response_lengths, rollout.truncated,
-                max_len=r.max_response_tokens, truncated_reward=w.truncated_reward,
-                soft_overlong_buffer=w.soft_overlong_buffer,
-                soft_overlong_factor=w.soft_overlong_factor)
+            shaped = batching.shape_rewards(raw, rollout.response_lengths, rollout.truncated,
+                                            max_len=r.max_response_tokens, cfg=w)
         groups = batching.split_groups(rollout, records, shaped, raw)
         if rnd == 0:  # the policy's own performance, before any filtering
             stats.update(batching.reward_stats(records, raw, r.n))
@@ -178,7 +177,8 @@ class Trainer:
 
     def advantages(self, groups) -> np.ndarray:
         """f32[groups * n]: the advantages of the kept groups' shaped rewards."""
-        return batching.advantages(groups, self.settings.rollout.n, self.settings.advantage)
+        return batching.advantages(groups, self.settings.rollout.n, self.settings.advantage,
+                                   overlong_filter=self.settings.reward.overlong_filter)
 
     def mini_batches(self, groups, adv: np.ndarray) -> tuple[list[dict], list[float]]:
         """(device mini-batches, their loss-token counts). Mini-batches made only of padding

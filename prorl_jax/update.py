@@ -8,6 +8,8 @@ Batch (a dict; every row right-padded to one bucket length T; dim 0 is rows):
     old_logp    f32[B, T]     log pi_old(targets), aligned with targets
     ref_logp    f32[B, T]     log pi_ref(targets)
     positions, segment_ids    optional int32[B, T], for packed / left-padded rows
+    sampler_logp              optional f32[B, T], the engine's log-probs of the targets (needed
+                              by an off-policy correction; with it the loss logs the mismatch)
 
 One `train_step(state, batch)` call is one optimizer step on one mini-batch. The rows are split
 into B / micro_batch_rows micro-batches (row m, m + M, m + 2M, ... go to micro-batch m, so every
@@ -16,7 +18,8 @@ micro-batch keeps the row sharding); a lax.scan sums the fp32 gradients of
     loss_m = numerator(token_loss of micro-batch m) / D,   D = loss_denominator(whole mini-batch)
 
 so sum_m loss_m is the mini-batch loss of prorl_jax.loss.compute_loss and sum_m grad_m its
-gradient (the mini-batch's normalisation, not each micro-batch's). Then the gradient is clipped
+gradient (the mini-batch's normalisation, not each micro-batch's; with an off-policy correction
+D is that of the whole mini-batch's corrected mask, `loss.loss_normalizers`). Then the gradient is clipped
 to max_grad_norm and AdamW is applied - unless the loss or the gradient norm is not finite, in
 which case params, opt_state and step are returned unchanged and metrics["nonfinite"] = 1.
 """
@@ -32,16 +35,18 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from prorl_jax.fields import Section, above, at_least, field, int_at_least
-from prorl_jax.loss import (AGG_MODES, DEFAULT_CHUNK_SIZE, KL_KINDS, compute_loss,
-                            loss_denominator, token_counts, token_logprobs)
+from prorl_jax.fields import ConfigError, Section, above, at_least, field, int_at_least
+from prorl_jax.loss import (AGG_MODES, CORRECTIONS, DEFAULT_CHUNK_SIZE, KL_KINDS, POLICY_LOSSES,
+                            compute_loss, loss_normalizers, token_logprobs)
+from prorl_jax.loss import loss_denominator, token_counts  # noqa: F401 (used as U.* by tests)
 from prorl_jax.rollout.base import SAMPLING_TEMPERATURE
 from prorl_jax.sharding import batch_sharding, batch_shards, replicated
 from prorl_jax.train_state import TrainState, optimizer_count
 
 LOGPROB_KEYS = ("input_ids", "targets")
 TRAIN_KEYS = LOGPROB_KEYS + ("loss_mask", "advantages", "old_logp", "ref_logp")
-OPTIONAL_KEYS = ("positions", "segment_ids")
+POSITION_KEYS = ("positions", "segment_ids")
+OPTIONAL_KEYS = POSITION_KEYS + ("sampler_logp",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +57,15 @@ class UpdateConfig(Section):
     eps_low, eps_high: clip range of the ratio, [1 - eps_low, 1 + eps_high] (0.2, 0.4);
     beta: KL coefficient (1e-4); kl_kind: loss.KL_KINDS (k3); agg_mode: loss.AGG_MODES
     (token-mean); clip_c: dual-clip constant (> 1) or None (config 0); entropy_coef: entropy
-    bonus (0); norm_len: the fixed length of seq-mean-token-sum-norm (None, config 0: the padded
-    length T); temperature: sampling temperature, applied to the logits before log-softmax
-    (paper 1.2); micro_batch_rows: rows per gradient-accumulation micro-batch (0: the whole
-    mini-batch); logprob_chunk: tokens per chunk of the fused LM-head log-softmax.
+    bonus (0); norm_len: the fixed length of seq-mean-token-sum-norm (None, config 0:
+    max_response_tokens, see `seq_norm_len`); temperature: sampling temperature, applied to the
+    logits before log-softmax (paper 1.2); micro_batch_rows: rows per gradient-accumulation
+    micro-batch (0: the whole mini-batch); logprob_chunk: tokens per chunk of the fused LM-head
+    log-softmax; kl_clamp: clamp d and every KL estimate (v2's k2); policy_loss:
+    loss.POLICY_LOSSES (ppo; gspo needs agg_mode seq-mean-token-mean; cispo has no dual clip);
+    correction, correction_low, correction_high: the off-policy correction (loss.CORRECTIONS)
+    and its bounds on r_is (each kind takes the bounds CORRECTIONS names; the others unused);
+    max_response_tokens: the rollout's response limit.
     """
     eps_low: float = field("loss.eps_low", 0.2, "in [0, 1)", lambda v: 0 <= v < 1)
     eps_high: float = field("loss.eps_high", 0.4, *above(0))
@@ -70,6 +80,37 @@ class UpdateConfig(Section):
     temperature: float = field("rollout.temperature", 1.0, *SAMPLING_TEMPERATURE)
     micro_batch_rows: int = field("batch.micro_batch_rows", 0, *int_at_least(0))
     logprob_chunk: int = field("model.logprob_chunk", DEFAULT_CHUNK_SIZE, *int_at_least(1))
+    kl_clamp: bool = field("loss.kl_clamp", False)
+    policy_loss: str = field("loss.policy_loss", "ppo", choices=tuple(POLICY_LOSSES))
+    correction: str = field("loss.correction", "none", choices=tuple(CORRECTIONS))
+    correction_low: float = field("loss.correction_low", 0.5, *above(0))
+    correction_high: float = field("loss.correction_high", 5.0, *above(0))
+    max_response_tokens: int = field("rollout.max_response_tokens", 8192, *int_at_least(1))
+
+    def check(self):
+        if self.policy_loss == "gspo" and self.agg_mode != "seq-mean-token-mean":
+            raise ConfigError(f"config.loss.policy_loss='gspo' averages over responses: it needs "
+                              f"config.loss.agg_mode='seq-mean-token-mean', got {self.agg_mode!r}")
+        if self.clip_c is not None and self.policy_loss not in ("ppo", "gspo"):
+            raise ConfigError(f"config.loss.clip_c={self.clip_c}: the dual clip is defined for "
+                              f"config.loss.policy_loss 'ppo' and 'gspo' only, got "
+                              f"{self.policy_loss!r}")
+        low, high = self.correction_bounds()
+        if low is not None and high is not None and low > high:
+            raise ConfigError(f"config.loss.correction_low={low} must not exceed "
+                              f"config.loss.correction_high={high} "
+                              f"(correction={self.correction!r})")
+
+    def correction_bounds(self) -> tuple[Optional[float], Optional[float]]:
+        """(low, high) as importance_correction takes them: None for a bound the kind lacks."""
+        bounds = CORRECTIONS[self.correction].bounds
+        return (self.correction_low if "low" in bounds else None,
+                self.correction_high if "high" in bounds else None)
+
+    @property
+    def seq_norm_len(self) -> int:
+        """The fixed length of seq-mean-token-sum-norm: norm_len, else max_response_tokens."""
+        return self.norm_len or self.max_response_tokens
 
 
 def check_batch(batch: Mapping[str, Any], keys=TRAIN_KEYS) -> None:
@@ -85,7 +126,7 @@ def check_batch(batch: Mapping[str, Any], keys=TRAIN_KEYS) -> None:
         if tuple(np.shape(batch[key])) != want:
             raise ValueError(f"batch[{key!r}] has shape {tuple(np.shape(batch[key]))}; expected "
                              f"{want} ([batch, time] of input_ids, advantages [batch])")
-        integer = key in ("input_ids", "targets") + OPTIONAL_KEYS
+        integer = key in LOGPROB_KEYS + POSITION_KEYS
         if integer != jnp.issubdtype(batch[key].dtype, jnp.integer):
             raise ValueError(f"batch[{key!r}] has dtype {batch[key].dtype}; expected "
                              f"{'int32' if integer else 'float32'}")
@@ -131,12 +172,25 @@ def micro_batch_loss(params: nnx.State, graphdef: nnx.GraphDef, batch: Mapping[s
     logp, entropy = policy_logprobs(graphdef, params, batch, cfg)
     if cfg.entropy_coef == 0:  # a metric only: no backward pass through the entropy
         entropy = jax.lax.stop_gradient(entropy)
+    low, high = cfg.correction_bounds()
     return compute_loss(
         logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], batch["loss_mask"],
         eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, kl_kind=cfg.kl_kind,
-        agg_mode=cfg.agg_mode, clip_c=cfg.clip_c, entropy=entropy,
-        entropy_coef=cfg.entropy_coef, norm_len=cfg.norm_len,
+        kl_clamp=cfg.kl_clamp, agg_mode=cfg.agg_mode, policy_loss=cfg.policy_loss,
+        clip_c=cfg.clip_c, entropy=entropy, entropy_coef=cfg.entropy_coef,
+        norm_len=cfg.seq_norm_len, sampler_logp=batch.get("sampler_logp"),
+        correction=cfg.correction, correction_low=low, correction_high=high,
         global_denominator=denominator, global_counts=counts)
+
+
+def mini_batch_normalizers(batch: Mapping[str, jax.Array], cfg: UpdateConfig):
+    """(denominator, TokenCounts) of the whole mini-batch, from its loss mask after the
+    off-policy correction (loss.loss_normalizers); every micro-batch divides by these."""
+    low, high = cfg.correction_bounds()
+    return loss_normalizers(batch["loss_mask"], agg_mode=cfg.agg_mode, norm_len=cfg.seq_norm_len,
+                            old_logp=batch["old_logp"], sampler_logp=batch.get("sampler_logp"),
+                            correction=cfg.correction, correction_low=low,
+                            correction_high=high)
 
 
 def accumulate_gradients(params: nnx.State, graphdef: nnx.GraphDef, batch: Mapping[str, Any],
@@ -145,8 +199,7 @@ def accumulate_gradients(params: nnx.State, graphdef: nnx.GraphDef, batch: Mappi
     (a single micro-batch: computed directly, without an accumulator)."""
     rows = batch["input_ids"].shape[0]
     num = num_micro_batches(rows, cfg.micro_batch_rows)
-    denominator = loss_denominator(batch["loss_mask"], cfg.agg_mode, norm_len=cfg.norm_len)
-    counts = token_counts(batch["loss_mask"])
+    denominator, counts = mini_batch_normalizers(batch, cfg)
     grad_fn = jax.value_and_grad(micro_batch_loss, has_aux=True)
     if num == 1:  # no accumulator: one set of gradients in memory
         (loss, metrics), grads = grad_fn(params, graphdef, batch, cfg, denominator, counts)
@@ -210,6 +263,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     def train_step(state: TrainState, batch: Mapping[str, Any]):
         check_batch(batch)
         _check_rows(batch, cfg, shards)
+        if cfg.correction != "none" and "sampler_logp" not in batch:
+            raise ValueError(f"loss.correction={cfg.correction!r} needs batch['sampler_logp'] "
+                             "[B, T] (the engine's log-probs of the targets)")
         keys = TRAIN_KEYS + tuple(k for k in OPTIONAL_KEYS if k in batch)
         return jitted(state, {k: batch[k] for k in keys})
     train_step.jitted = jitted
@@ -236,7 +292,7 @@ def make_logprob_fn(graphdef: nnx.GraphDef, cfg: UpdateConfig, *, mesh: Mesh,
     def logprob_fn(params: nnx.State, batch: Mapping[str, Any]):
         check_batch(batch, LOGPROB_KEYS)
         _check_rows(batch, cfg, shards)
-        keys = LOGPROB_KEYS + tuple(k for k in OPTIONAL_KEYS if k in batch)
+        keys = LOGPROB_KEYS + tuple(k for k in POSITION_KEYS if k in batch)
         return jitted(params, {k: batch[k] for k in keys})
     logprob_fn.jitted = jitted
     return logprob_fn

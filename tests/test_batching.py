@@ -11,13 +11,16 @@ def test_shape_rewards_stop_penalty_and_soft_overlong():
     lengths = np.array([10, 90, 95, 100])
     trunc = np.array([False, False, False, True])
     # truncated -> 0; soft overlong with max 100, buffer 20: penalty starts past 80 tokens.
-    out = batching.shape_rewards(r, lengths, trunc, max_len=100, truncated_reward=0.0,
-                                 soft_overlong_buffer=20, soft_overlong_factor=1.0)
+    cfg = batching.RewardConfig(truncated_reward=0.0, soft_overlong_buffer=20,
+                                soft_overlong_factor=1.0)
+    out = batching.shape_rewards(r, lengths, trunc, max_len=100, cfg=cfg)
     np.testing.assert_allclose(out, [1.0, 1.0 - 10 / 20, 0.5 - 15 / 20, 0.0 - 20 / 20])
-    same = batching.shape_rewards(r, lengths, trunc, max_len=100)  # truncated_reward None: off
+    same = batching.shape_rewards(r, lengths, trunc, max_len=100,
+                                  cfg=batching.RewardConfig())  # truncated_reward None: off
     np.testing.assert_array_equal(same, r)
     # A penalty below 0 is a value like any other (it used to mean "off").
-    neg = batching.shape_rewards(r, lengths, trunc, max_len=100, truncated_reward=-0.5)
+    neg = batching.shape_rewards(r, lengths, trunc, max_len=100,
+                                 cfg=batching.RewardConfig(truncated_reward=-0.5))
     np.testing.assert_array_equal(neg, [1.0, 1.0, 0.5, -0.5])
 
 

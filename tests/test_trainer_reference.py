@@ -107,8 +107,10 @@ def test_run_config_reaches_the_loss_and_clipping_bounds_the_gradient(tmp_path, 
     calls it); the first Adam moment after one step is (1 - b1) * the clipped gradient, whose
     norm is max_grad_norm (Adam's first step itself, lr * sign(g), would hide the scale)."""
     loss_fields = {"eps_low": 0.13, "eps_high": 0.37, "beta": 0.021, "kl_kind": "k2",
-                   "agg_mode": "seq-mean-token-sum-norm", "clip_c": 2.5,
-                   "entropy_coef": 0.003, "norm_len": 6}
+                   "agg_mode": "seq-mean-token-mean", "clip_c": 2.5,
+                   "entropy_coef": 0.003, "norm_len": 6, "kl_clamp": True,
+                   "policy_loss": "gspo", "correction": "icepop", "correction_low": 0.05,
+                   "correction_high": 20.0}
     assert set(loss_fields) == {f.name for f in dataclasses.fields(UpdateConfig)
                                 if f.metadata["key"].startswith("loss.")}, \
         "a new loss field: add it here with a value that differs from its default"

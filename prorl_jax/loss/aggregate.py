@@ -47,17 +47,23 @@ def masked_mean(x, mask, axis=None):
 class TokenCounts(NamedTuple):
     """Counts of a (mini-)batch, for metrics that must sum correctly over micro-batches.
 
-    num_tokens:    f32[], unmasked (response) tokens.
-    num_positions: f32[], all positions, batch * time.
+    num_tokens:          f32[], tokens in the loss (unmasked after any off-policy correction).
+    num_positions:       f32[], all positions, batch * time.
+    num_response_tokens: f32[], tokens of the loss mask before the correction (= num_tokens
+                         without one).
     """
     num_tokens: jnp.ndarray
     num_positions: jnp.ndarray
+    num_response_tokens: jnp.ndarray
 
 
-def token_counts(mask) -> TokenCounts:
-    """TokenCounts of mask [batch, time]."""
+def token_counts(mask, corrected_mask=None) -> TokenCounts:
+    """TokenCounts of mask [batch, time] and, if given, the corrected loss mask [batch, time]."""
     mask = jnp.asarray(mask, jnp.float32)
-    return TokenCounts(jnp.sum(mask), jnp.asarray(mask.size, jnp.float32))
+    response = jnp.sum(mask)
+    tokens = response if corrected_mask is None else jnp.sum(
+        jnp.asarray(corrected_mask, jnp.float32))
+    return TokenCounts(tokens, jnp.asarray(mask.size, jnp.float32), response)
 
 
 def _check_mode_args(mask, mode: str, norm_len) -> None:
