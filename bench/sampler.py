@@ -90,22 +90,15 @@ def bench_jax(args) -> dict:
 
 
 def bench_peer(args) -> dict:
-    """transformers' Qwen2ForCausalLM.generate on the same shape (random weights)."""
+    """transformers' generate (the preset's family) on the same shape (random weights)."""
     import torch
     import transformers
+    from torch_peer_train import hf_config, hf_model
 
     c = PRESETS[args.preset]
-    hf_cfg = transformers.Qwen2Config(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
-        max_position_embeddings=c.max_position_embeddings, rope_theta=c.rope_theta,
-        rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=c.tie_word_embeddings,
-        use_sliding_window=False)
-    hf_cfg._attn_implementation = "sdpa"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(args.seed)
-    model = transformers.Qwen2ForCausalLM(hf_cfg).to(device, dtype=getattr(torch, args.dtype))
+    model = hf_model(hf_config(args.preset)).to(device, dtype=getattr(torch, args.dtype))
     model.eval()
     prompt = torch.randint(0, c.vocab_size, (args.batch, args.prompt), device=device)
     kw = dict(do_sample=True, temperature=PEER_TEMPERATURE, top_p=1.0, top_k=0,

@@ -13,7 +13,8 @@ its figures and the ratio.
 Model FLOPs per iteration (as the peer counts them; remat recomputation is not counted):
     tokens * (6 N + 2 * 2 N) + tokens * attn(T) * (3 + 2)
 with N the matmul parameters (layers + LM head, not the embedding lookup), 6N for the update's
-forward + backward, 2N per no-grad pass, and attn(T) = L * 2 * 2 * T * H / 2 per token (causal).
+forward + backward, 2N per no-grad pass, and attn(T) = L * 2 * 2 * T * N*D / 2 per token (causal;
+N*D query features, = H for Qwen2).
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def matmul_params(cfg) -> int:
 def iteration_flops(cfg, batch: int, seq: int) -> float:
     tokens = batch * seq
     n = matmul_params(cfg)
-    attn_per_token = cfg.num_hidden_layers * 2 * 2 * seq * cfg.hidden_size / 2
+    q_width = cfg.num_attention_heads * cfg.head_dim  # = hidden_size for Qwen2
+    attn_per_token = cfg.num_hidden_layers * 2 * 2 * seq * q_width / 2
     return tokens * (6 * n + 2 * 2 * n) + tokens * attn_per_token * (3 + 2)
 
 

@@ -14,7 +14,7 @@ from absl import logging
 
 from prorl_jax import config as config_lib
 from prorl_jax import data as data_lib
-from prorl_jax.models import PRESETS, Qwen2ForCausalLM, init_model
+from prorl_jax.models import PRESETS, CausalLM, init_model
 from prorl_jax.rollout.base import RolloutEngine
 
 DEMO_TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "assets", "demo_tokenizer")
@@ -51,8 +51,9 @@ def pad_token_id(tokenizer) -> int:
     return int(tokenizer.eos_token_id if pad is None else pad)
 
 
-def build_model(cfg, tokenizer) -> Qwen2ForCausalLM:
-    """The policy: loaded from model.path, or randomly initialised from model.preset."""
+def build_model(cfg, tokenizer) -> CausalLM:
+    """The policy: loaded from model.path (its family from config.json's model_type), or
+    randomly initialised from model.preset (any family's preset, `prorl_jax.models.PRESETS`)."""
     m = cfg.model
     settings = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
                     attention_impl=m.attention_impl)
@@ -105,7 +106,7 @@ def build_datasets(cfg, tokenizer):
     return train, val
 
 
-def build_engine(cfg, model: Qwen2ForCausalLM, mesh, *, pad_id: int, workdir: str,
+def build_engine(cfg, model: CausalLM, mesh, *, pad_id: int, workdir: str,
                  max_new_tokens: int) -> RolloutEngine:
     """vLLM servers when rollout.vllm_urls is set (or engine="vllm"), else the JaxSampler
     (sized for `max_new_tokens`, the longest response of any stage)."""

@@ -30,7 +30,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from prorl_jax.models.qwen2 import KVCache
+from prorl_jax.models.kv_cache import DenseKVCache
 from prorl_jax.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutBatch, RolloutEngine
 from prorl_jax.rollout.sampling import sample_tokens
 
@@ -72,17 +72,17 @@ def left_pad(prompts: Sequence[Sequence[int]], num_rows: int, length: int,
     return ids, lens
 
 
-def _decode_step(model, token_ids, positions, cache: KVCache, cache_index, kv_valid):
-    """One decode step: token_ids, positions int32[B, 1] written at slot `cache_index` (the same
-    for all rows); kv_valid bool[B, S_max]. Returns (next-token logits f32[B, V], cache)."""
-    hidden, cache = model.decode(token_ids, positions, cache, cache_index, kv_valid)
+def _decode_step(model, token_ids, positions, cache: DenseKVCache):
+    """One decode step: token_ids, positions int32[B, 1] written at the cache's per-row index.
+    Returns (next-token logits f32[B, V], cache)."""
+    hidden, cache = model.decode(token_ids, positions, cache)
     return model.logits(hidden)[:, 0], cache
 
 
 class JaxSampler(RolloutEngine):
-    """Samples rollouts with a Qwen2 model held in (possibly sharded) device memory.
+    """Samples rollouts with a causal LM held in (possibly sharded) device memory.
 
-    model: a `Qwen2ForCausalLM` (its parameters are the initial policy).
+    model: any `prorl_jax.models.CausalLM` (its parameters are the initial policy).
     max_prompt_len / max_new_tokens: the longest prompt and response a call may ask for.
     pad_id: token id written in padding slots (never attended to).
     prompt_buckets: prompt lengths compiled for (default: 16, 32, ... up to max_prompt_len).
@@ -202,7 +202,7 @@ class JaxSampler(RolloutEngine):
         valid = slots >= first_slot
         positions = jnp.maximum(slots - first_slot, 0)
         cache = model.init_cache(num_prompts, prompt_len, dtype=self.cache_dtype)
-        hidden, cache = model.decode(prompt_ids, positions, cache, jnp.int32(0), valid)
+        hidden, cache = model.decode(prompt_ids, positions, cache.replace(valid=valid))
         logits = model.logits(hidden[:, -1:])[:, 0]
 
         def expand(x, fill=0):  # [P, Tb, ...] -> [P*n, Tb + max_new, ...], prompt-major rows
@@ -241,8 +241,10 @@ class JaxSampler(RolloutEngine):
             hit_stop = active & jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
             stopped = stopped | hit_stop
             done = done | hit_stop | (step + 1 >= max_new)
-            logits, (ks, vs) = _decode_step(model, token[:, None], (prompt_lens + step)[:, None],
-                                            KVCache(ks, vs), prompt_len + step, kv_valid)
+            index = jnp.full((batch,), prompt_len + step, jnp.int32)
+            cache = _decode_step(model, token[:, None], (prompt_lens + step)[:, None],
+                                 DenseKVCache(ks, vs, index, kv_valid))
+            logits, ks, vs = cache[0], cache[1].k, cache[1].v
             return (step + 1, tokens, logps, lengths, done, stopped,
                     self._shard_batch(logits), ks, vs)
 
