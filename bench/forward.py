@@ -46,7 +46,8 @@ def build_model(args) -> nnx.Module:
     if args.checkpoint:
         return load_pretrained(args.checkpoint, jnp.dtype(args.dtype),
                                param_dtype=jnp.dtype(param_dtype), **kw)
-    cfg = PRESETS[args.preset].replace(dtype=args.dtype, param_dtype=param_dtype, **kw)
+    shape = parse_shape(getattr(args, "shape", ""))
+    cfg = PRESETS[args.preset].replace(dtype=args.dtype, param_dtype=param_dtype, **kw, **shape)
 
     def make():
         return family_of(cfg).model_cls(cfg, rngs=nnx.Rngs(jax.random.key(args.seed,
@@ -54,6 +55,17 @@ def build_model(args) -> nnx.Module:
 
     graphdef = nnx.graphdef(nnx.eval_shape(make))
     return nnx.merge(graphdef, jax.jit(lambda: nnx.state(make()))())
+
+
+def parse_shape(spec: str) -> dict:
+    """'hidden_size=256,num_hidden_layers=4' -> {field: int or float} (preset overrides)."""
+    out = {}
+    for item in filter(None, (x.strip() for x in (spec or "").split(","))):
+        key, _, value = item.partition("=")
+        if not value:
+            raise SystemExit(f"--shape: {item!r} is not field=value")
+        out[key] = float(value) if "." in value or "e" in value else int(value)
+    return out
 
 
 def peak_memory_bytes() -> dict:
@@ -66,6 +78,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="r1-distill-qwen-1.5b", choices=sorted(PRESETS))
     p.add_argument("--checkpoint", default=None, help="HF checkpoint dir (overrides --preset)")
+    p.add_argument("--shape", default="", help="preset field overrides, e.g. num_hidden_layers=2")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--dtype", default="bfloat16", help="compute dtype")

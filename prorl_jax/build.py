@@ -109,7 +109,9 @@ def build_datasets(cfg, tokenizer):
 def build_engine(cfg, model: CausalLM, mesh, *, pad_id: int, workdir: str,
                  max_new_tokens: int) -> RolloutEngine:
     """vLLM servers when rollout.vllm_urls is set (or engine="vllm"), else the JaxSampler
-    (sized for `max_new_tokens`, the longest response of any stage)."""
+    (sized for `max_new_tokens`, the longest response of any stage; batching from
+    rollout.batching, decode_slots, kv_cache_gb, kv_block_size, decode_chunk_steps,
+    min_decode_slots)."""
     r = cfg.rollout
     urls = [u.strip() for u in r.vllm_urls.split(",") if u.strip()]
     if r.engine == "vllm" or (r.engine == "auto" and urls):
@@ -133,8 +135,10 @@ def build_engine(cfg, model: CausalLM, mesh, *, pad_id: int, workdir: str,
         return ProcessZeroEngine(make_client,
                                  take_part_in_write=lambda params: write(params, weights_dir))
     from prorl_jax.rollout import JaxSampler
+    from prorl_jax.rollout.scheduler import BatchingConfig
     return JaxSampler(model, max_prompt_len=cfg.data.max_prompt_tokens,
-                      max_new_tokens=max_new_tokens, pad_id=pad_id, mesh=mesh)
+                      max_new_tokens=max_new_tokens, pad_id=pad_id, mesh=mesh,
+                      batching=BatchingConfig.from_config(r))
 
 
 class RewardScorer:

@@ -174,7 +174,7 @@ def test_kv_cache_decode_matches_full_forward(model):
     steps = [hidden]
     for t in (3, 4):
         kv_valid[:, t] = True
-        cache = cache.replace(index=jnp.full((2,), t, jnp.int32), valid=kv_valid)
+        cache = cache.replace(index=jnp.int32(t), valid=kv_valid)  # every row at slot t
         hidden, cache = _decode(model, ids[:, t:t + 1], pos[:, t:t + 1], cache)
         steps.append(hidden)
     got = np.concatenate([np.asarray(h) for h in steps], axis=1)
