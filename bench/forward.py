@@ -1,4 +1,4 @@
-"""Forward-pass benchmark of the Qwen2 policy: jitted logits (or hidden states) over [batch, seq].
+"""Forward-pass benchmark of the policy (any family): jitted logits (or hidden states) over [batch, seq].
 
 Usage:
   python bench/forward.py --preset r1-distill-qwen-1.5b --batch 4 --seq 4096 --dtype bfloat16
@@ -7,8 +7,9 @@ Usage:
 
 Prints one JSON line: step_s (median over --iters timed steps after --warmup untimed ones),
 compile_s, tokens_per_s = batch*seq/step_s, model TFLOP/s (forward FLOPs per token
-2*N_matmul + 2*L*seq*H: N_matmul counts the q/k/v/o, MLP and LM-head weights, not the embedding
-lookup; 2*L*seq*H is causal attention, QK^T and AV at 2*seq*H each, halved by the mask), and the
+2*N_matmul + 2*L*seq*N*D: N_matmul counts the q/k/v/o, MLP and LM-head weights, not the
+embedding lookup; 2*L*seq*N*D is causal attention, QK^T and AV at 2*seq*N*D each, halved by the
+mask; N*D = H for Qwen2), and the
 device's peak memory (`memory_stats()`; null where the backend has none, as on CPU).
 """
 from __future__ import annotations
@@ -23,15 +24,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from prorl_jax.models import PRESETS, Qwen2Config, Qwen2ForCausalLM, load_pretrained
+from prorl_jax.models import PRESETS, family_of, load_pretrained
 
 
-def forward_flops_per_token(cfg: Qwen2Config, seq: int) -> float:
-    """2 * matmul weights (q, k, v, o, gate, up, down, LM head) + causal attention 2*L*seq*H."""
-    h, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * cfg.intermediate_size
+def forward_flops_per_token(cfg, seq: int) -> float:
+    """2 * matmul weights (q, k, v, o, gate, up, down, LM head) + causal attention
+    2*L*seq*N*D (N*D query features: the hidden size for Qwen2, 2x it for Qwen3-0.6B)."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    per_layer = 2 * h * q + 2 * h * kv + 3 * h * cfg.intermediate_size
     n_matmul = cfg.num_hidden_layers * per_layer + h * cfg.vocab_size
-    return 2.0 * n_matmul + 2.0 * cfg.num_hidden_layers * seq * h
+    return 2.0 * n_matmul + 2.0 * cfg.num_hidden_layers * seq * q
 
 
 def build_model(args) -> nnx.Module:
@@ -43,13 +46,26 @@ def build_model(args) -> nnx.Module:
     if args.checkpoint:
         return load_pretrained(args.checkpoint, jnp.dtype(args.dtype),
                                param_dtype=jnp.dtype(param_dtype), **kw)
-    cfg = PRESETS[args.preset].replace(dtype=args.dtype, param_dtype=param_dtype, **kw)
+    shape = parse_shape(getattr(args, "shape", ""))
+    cfg = PRESETS[args.preset].replace(dtype=args.dtype, param_dtype=param_dtype, **kw, **shape)
 
     def make():
-        return Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(jax.random.key(args.seed, impl="rbg")))
+        return family_of(cfg).model_cls(cfg, rngs=nnx.Rngs(jax.random.key(args.seed,
+                                                                          impl="rbg")))
 
     graphdef = nnx.graphdef(nnx.eval_shape(make))
     return nnx.merge(graphdef, jax.jit(lambda: nnx.state(make()))())
+
+
+def parse_shape(spec: str) -> dict:
+    """'hidden_size=256,num_hidden_layers=4' -> {field: int or float} (preset overrides)."""
+    out = {}
+    for item in filter(None, (x.strip() for x in (spec or "").split(","))):
+        key, _, value = item.partition("=")
+        if not value:
+            raise SystemExit(f"--shape: {item!r} is not field=value")
+        out[key] = float(value) if "." in value or "e" in value else int(value)
+    return out
 
 
 def peak_memory_bytes() -> dict:
@@ -62,6 +78,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="r1-distill-qwen-1.5b", choices=sorted(PRESETS))
     p.add_argument("--checkpoint", default=None, help="HF checkpoint dir (overrides --preset)")
+    p.add_argument("--shape", default="", help="preset field overrides, e.g. num_hidden_layers=2")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--dtype", default="bfloat16", help="compute dtype")

@@ -1,7 +1,7 @@
 """The peer for bench/train_step.py: the same GRPO iteration in transformers + torch.
 
-What a PyTorch user runs (as shared/bench/torch_peer.py's train figure): Hugging Face
-Qwen2ForCausalLM at random init, bf16 weights, SDPA attention, gradient checkpointing, AdamW
+What a PyTorch user runs (as shared/bench/torch_peer.py's train figure): the Hugging Face model
+of the preset's family (Qwen2ForCausalLM for the 1.5B) at random init, bf16 weights, SDPA attention, gradient checkpointing, AdamW
 (lr 2e-6); per iteration a no-grad old-policy pass and a no-grad reference pass, then the policy's
 forward + backward on the clipped-ratio loss (eps 0.2 / 0.4) plus beta * k3 KL, and an optimizer
 step. Runs on CUDA when available, else CPU (for the tiny smoke run). Prints one JSON line
@@ -19,24 +19,24 @@ import sys
 import time
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prorl_jax.models import PRESETS  # noqa: E402  (shapes only; JAX_PLATFORMS=cpu is set)
+from prorl_jax.models import PRESETS, config_to_hf  # noqa: E402  (shapes only)
 
 
-def hf_config(preset: str) -> Qwen2Config:
-    c = PRESETS[preset]
-    cfg = Qwen2Config(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-                      intermediate_size=c.intermediate_size,
-                      num_hidden_layers=c.num_hidden_layers,
-                      num_attention_heads=c.num_attention_heads,
-                      num_key_value_heads=c.num_key_value_heads,
-                      max_position_embeddings=c.max_position_embeddings,
-                      rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps,
-                      tie_word_embeddings=c.tie_word_embeddings, use_sliding_window=False)
+def hf_config(preset: str) -> transformers.PretrainedConfig:
+    """The transformers config of a preset (any family, via its config.json), SDPA attention."""
+    fields = config_to_hf(PRESETS[preset])
+    for key in ("architectures", "torch_dtype", "dtype", "rope_scaling"):
+        fields.pop(key)
+    cfg = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
     cfg._attn_implementation = "sdpa"
     return cfg
+
+
+def hf_model(cfg: transformers.PretrainedConfig) -> torch.nn.Module:
+    return transformers.AutoModelForCausalLM.from_config(cfg)
 
 
 def sampled_logp(model, ids: torch.Tensor) -> torch.Tensor:
@@ -55,8 +55,8 @@ def main():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     cfg = hf_config(a.preset)
-    policy = Qwen2ForCausalLM(cfg).to(dev, dtype=torch.bfloat16)
-    reference = Qwen2ForCausalLM(cfg).to(dev, dtype=torch.bfloat16).eval()
+    policy = hf_model(cfg).to(dev, dtype=torch.bfloat16)
+    reference = hf_model(cfg).to(dev, dtype=torch.bfloat16).eval()
     policy.gradient_checkpointing_enable()
     policy.train()
     opt = torch.optim.AdamW(policy.parameters(), lr=2e-6)

@@ -13,7 +13,8 @@ its figures and the ratio.
 Model FLOPs per iteration (as the peer counts them; remat recomputation is not counted):
     tokens * (6 N + 2 * 2 N) + tokens * attn(T) * (3 + 2)
 with N the matmul parameters (layers + LM head, not the embedding lookup), 6N for the update's
-forward + backward, 2N per no-grad pass, and attn(T) = L * 2 * 2 * T * H / 2 per token (causal).
+forward + backward, 2N per no-grad pass, and attn(T) = L * 2 * 2 * T * N*D / 2 per token (causal;
+N*D query features, = H for Qwen2).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +49,8 @@ def matmul_params(cfg) -> int:
 def iteration_flops(cfg, batch: int, seq: int) -> float:
     tokens = batch * seq
     n = matmul_params(cfg)
-    attn_per_token = cfg.num_hidden_layers * 2 * 2 * seq * cfg.hidden_size / 2
+    q_width = cfg.num_attention_heads * cfg.head_dim  # = hidden_size for Qwen2
+    attn_per_token = cfg.num_hidden_layers * 2 * 2 * seq * q_width / 2
     return tokens * (6 * n + 2 * 2 * n) + tokens * attn_per_token * (3 + 2)
 
 
@@ -167,19 +170,26 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv=None, peer: Optional[dict] = None) -> list[dict]:
+    """Runs the figures and prints them; -> [ours, peer, ratio] (peer and ratio with --peer).
+    `peer`: the peer's figure measured earlier (bench/gpu_suite.py runs the peers first)."""
     args = parse_args(argv)
-    peer = run_peer(args) if args.peer else None  # first: it needs the accelerator to itself
+    if args.peer and peer is None:
+        peer = run_peer(args)  # first: it needs the accelerator to itself
     if not args.matmul_size:
         args.matmul_size = 1024 if jax.default_backend() == "cpu" else 8192
     ours = run_ours(args)
     print(json.dumps(ours), flush=True)
+    results = [ours]
     if peer is not None:
         flops = iteration_flops(PRESETS[args.preset], args.batch, args.seq)
         peer["mfu"] = round(flops / peer["step_s"] / (ours["matmul_tflops"] * 1e12), 4)
-        print(json.dumps(peer), flush=True)
-        print(json.dumps(dict(figure="ratio", tokens_per_s_ours_over_peer=round(
-            ours["tokens_per_s"] / peer["tokens_per_s"], 3))), flush=True)
+        ratio = dict(figure="ratio", tokens_per_s_ours_over_peer=round(
+            ours["tokens_per_s"] / peer["tokens_per_s"], 3))
+        results += [peer, ratio]
+        for figure in results[1:]:
+            print(json.dumps(figure), flush=True)
+    return results
 
 
 if __name__ == "__main__":

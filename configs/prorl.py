@@ -68,6 +68,18 @@ def paper_config() -> ml_collections.ConfigDict:
     r.top_p = 1.0                     # nucleus; <1 biases the importance ratio
     r.max_response_tokens = 8192      # 8k, then 16k in the last stage
     r.old_logp_source = "trainer"     # "trainer" (recompute) or "sampler" (the engine's own)
+    # The embedded JAX sampler (engine "jax"); prorl_jax/rollout/scheduler.py BatchingConfig.
+    r.batching = "continuous"         # "continuous" (slots refilled as rows finish, paged KV) or
+                                      # "static" (all rows in one batch until the longest ends)
+    r.decode_slots = 0                # decode slots; 0: as many as kv_cache_gb allows (or one
+                                      # per row when kv_cache_gb is 0)
+    r.kv_cache_gb = 24.0              # KV pool per device in GiB (each slot reserves a row of
+                                      # max prompt + max response tokens); 0: no budget
+    r.kv_block_size = 16              # tokens per KV block
+    r.decode_chunk_steps = 32         # most decode steps per device call between refills
+    r.min_decode_slots = 16           # smallest slot bucket when the last rows drain (each
+                                      # bucket compiles once; on GPU/TPU a step costs about the
+                                      # same below a few dozen rows)
 
     c.batch = b = ml_collections.ConfigDict()
     b.prompts_per_step = 256          # prompts per rollout batch

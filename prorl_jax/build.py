@@ -14,7 +14,7 @@ from absl import logging
 
 from prorl_jax import config as config_lib
 from prorl_jax import data as data_lib
-from prorl_jax.models import PRESETS, Qwen2ForCausalLM, init_model
+from prorl_jax.models import PRESETS, CausalLM, init_model
 from prorl_jax.rollout.base import RolloutConfig, RolloutEngine
 
 DEMO_TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "assets", "demo_tokenizer")
@@ -51,8 +51,9 @@ def pad_token_id(tokenizer) -> int:
     return int(tokenizer.eos_token_id if pad is None else pad)
 
 
-def build_model(cfg, tokenizer) -> Qwen2ForCausalLM:
-    """The policy: loaded from model.path, or randomly initialised from model.preset."""
+def build_model(cfg, tokenizer) -> CausalLM:
+    """The policy: loaded from model.path (its family from config.json's model_type), or
+    randomly initialised from model.preset (any family's preset, `prorl_jax.models.PRESETS`)."""
     m = cfg.model
     settings = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
                     attention_impl=m.attention_impl)
@@ -107,10 +108,12 @@ def build_datasets(cfg, tokenizer):
     return train, val
 
 
-def build_engine(cfg, model: Qwen2ForCausalLM, mesh, *, pad_id: int, workdir: str,
+def build_engine(cfg, model: CausalLM, mesh, *, pad_id: int, workdir: str,
                  max_new_tokens: int) -> RolloutEngine:
     """vLLM servers when rollout.vllm_urls is set (or engine="vllm"), else the JaxSampler
-    (sized for `max_new_tokens`, the longest response of any stage)."""
+    (sized for `max_new_tokens`, the longest response of any stage; batching from
+    rollout.batching, decode_slots, kv_cache_gb, kv_block_size, decode_chunk_steps,
+    min_decode_slots)."""
     r = RolloutConfig.from_config(cfg)
     urls = r.urls
     if r.engine == "vllm" or (r.engine == "auto" and urls):
@@ -142,8 +145,10 @@ def build_engine(cfg, model: Qwen2ForCausalLM, mesh, *, pad_id: int, workdir: st
                                  take_part_in_write=lambda params: write(params,
                                                                          settings.weights_dir))
     from prorl_jax.rollout import JaxSampler
+    from prorl_jax.rollout.scheduler import BatchingConfig
     return JaxSampler(model, max_prompt_len=cfg.data.max_prompt_tokens,
-                      max_new_tokens=max_new_tokens, pad_id=pad_id, mesh=mesh)
+                      max_new_tokens=max_new_tokens, pad_id=pad_id, mesh=mesh,
+                      batching=BatchingConfig.from_config(cfg))
 
 
 REASONING_TAGS = ("<think>", "</think>")

@@ -31,8 +31,9 @@ from prorl_jax.evaluation import EvalConfig
 from prorl_jax.fields import (ConfigError, Section, check_value, field, get_field,
                               int_at_least, parse_ints)
 from prorl_jax.batching import AdvantageConfig, BatchConfig, RewardConfig
-from prorl_jax.models.qwen2 import ATTENTION_IMPLS, REMAT_POLICIES
+from prorl_jax.models.decoder import ATTENTION_IMPLS, REMAT_POLICIES
 from prorl_jax.resets import ResetConfig
+from prorl_jax.rollout.scheduler import BatchingConfig
 from prorl_jax.rollout.base import RolloutConfig
 from prorl_jax.sharding import MeshConfig
 from prorl_jax.train_state import OptimConfig, PrecisionConfig
@@ -60,6 +61,7 @@ class Settings(NamedTuple):
     run: RunConfig
     precision: PrecisionConfig
     rollout: RolloutConfig
+    sampler: BatchingConfig
     batch: BatchConfig
     update: UpdateConfig
     advantage: AdvantageConfig

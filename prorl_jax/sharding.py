@@ -1,14 +1,15 @@
-"""Device mesh, partition rules for Qwen2 parameters, batch sharding and multi-host start-up.
+"""Device mesh, partition rules for the model parameters, batch sharding and multi-host start-up.
 
 The mesh has three axes, ("data", "fsdp", "tensor"):
     data:   pure data parallelism (parameters replicated across it);
     fsdp:   data parallelism with parameters and optimizer state sharded across it (ZeRO-3);
     tensor: tensor (model) parallelism inside a matmul.
 Batch rows are split over ("data", "fsdp"). Parameters are mapped to PartitionSpecs by a regex on
-their dotted path (`layers.3.self_attn.q_proj.kernel`); the optimizer state mirrors the
-parameters (its leaf paths end with the parameter's path), so the same rules place it. A
-dimension not divisible by the size of its mesh axes is replicated instead (tiny models on many
-devices).
+their dotted path (`layers.3.self_attn.q_proj.kernel`), written for the parameter names of the
+causal-LM protocol (`prorl_jax/models/protocol.py`), which every family follows, so no rule
+names a family; the optimizer state mirrors the parameters (its leaf paths end with the
+parameter's path), so the same rules place it. A dimension not divisible by the size of its
+mesh axes is replicated instead (tiny models on many devices).
 """
 from __future__ import annotations
 
@@ -79,7 +80,9 @@ def make_mesh(cfg: MeshConfig = MeshConfig(),
     return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=_AUTO)
 
 
-# (regex on the dotted parameter path, mesh axes per dimension). First match wins.
+# (regex on the dotted parameter path, mesh axes per dimension). First match wins. Names: the
+# causal-LM protocol's (`prorl_jax/models/protocol.py`); tests/test_model.py checks that every
+# parameter of every family's presets is placed by a rule.
 PARTITION_RULES: tuple[tuple[str, tuple], ...] = (
     (r"embed_tokens\.embedding$", ("tensor", "fsdp")),           # [V, H]
     (r"self_attn\.[qkv]_proj\.kernel$", ("fsdp", "tensor")),     # [H, heads*D]
@@ -88,6 +91,7 @@ PARTITION_RULES: tuple[tuple[str, tuple], ...] = (
     (r"mlp\.(gate|up)_proj\.kernel$", ("fsdp", "tensor")),       # [H, F]
     (r"mlp\.down_proj\.kernel$", ("tensor", "fsdp")),            # [F, H]
     (r"lm_head\.kernel$", ("fsdp", "tensor")),                   # [H, V]
+    (r"self_attn\.[qk]_norm\.weight$", (None,)),                 # [D] replicated (Qwen3)
     (r"(layernorm|norm)\.weight$", (None,)),                     # [H] replicated
 )
 

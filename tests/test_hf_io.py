@@ -1,5 +1,6 @@
 """Hugging Face weights in and out: parity with `transformers` (torch, float32, CPU) on random
-tiny Qwen2 checkpoints, round trips, shards, bf16 files, shardings and the error cases."""
+tiny Qwen2 and Qwen3 checkpoints, round trips, shards, bf16 files, shardings and the error
+cases."""
 import json
 import os
 
@@ -12,16 +13,20 @@ import transformers
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from prorl_jax.models import (CheckpointError, Qwen2Config, config_from_hf, config_to_hf,
-                              hf_tensors, load_pretrained, save_pretrained)
+from prorl_jax.models import (CheckpointError, Qwen2Config, Qwen3Config, config_from_hf,
+                              config_to_hf, hf_tensors, load_pretrained, save_pretrained)
 from prorl_jax.models import hf_io
 
-# name -> (tied, heads, kv heads, hidden, intermediate, vocab, rope_theta, rms_norm_eps)
+# name -> (tied, heads, kv heads, hidden, intermediate, vocab, rope_theta, rms_norm_eps,
+#          head_dim: None for Qwen2 (hidden / heads), explicit for Qwen3)
 VARIANTS = {
-    "tied_4to1_odd": (True, 4, 1, 48, 100, 101, 10000.0, 1e-6),
-    "untied_4to2": (False, 4, 2, 64, 96, 128, 1e6, 1e-6),
-    "untied_6to3_odd": (False, 6, 3, 48, 100, 101, 5e5, 1e-5),
-    "tied_4to4": (True, 4, 4, 32, 40, 77, 2e4, 1e-6),
+    "tied_4to1_odd": (True, 4, 1, 48, 100, 101, 10000.0, 1e-6, None),
+    "untied_4to2": (False, 4, 2, 64, 96, 128, 1e6, 1e-6, None),
+    "untied_6to3_odd": (False, 6, 3, 48, 100, 101, 5e5, 1e-5, None),
+    "tied_4to4": (True, 4, 4, 32, 40, 77, 2e4, 1e-6, None),
+    # Qwen3: heads x head_dim = 64 != hidden 48 (as 16 x 128 != 1024 in Qwen3-0.6B)
+    "qwen3_tied_4to2_wide": (True, 4, 2, 48, 100, 101, 1e6, 1e-6, 16),
+    "qwen3_untied_6to3": (False, 6, 3, 48, 80, 77, 1e4, 1e-5, 8),
 }
 IDS = np.random.RandomState(0).randint(0, 77, (2, 11))
 
@@ -37,15 +42,20 @@ def rel_err(a, b) -> float:
     return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
 
 
-def make_hf_model(variant: str, seed: int = 0) -> transformers.Qwen2ForCausalLM:
-    """A random float32 transformers Qwen2 model: every weight, bias and norm randomised."""
-    tied, heads, kv, hidden, inter, vocab, theta, eps = VARIANTS[variant]
-    cfg = transformers.Qwen2Config(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
-        num_attention_heads=heads, num_key_value_heads=kv, rope_theta=theta, rms_norm_eps=eps,
-        tie_word_embeddings=tied, max_position_embeddings=256)
+def make_hf_model(variant: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """A random float32 transformers Qwen2 or Qwen3 model: every weight, bias and norm (the
+    q/k norms included) randomised."""
+    tied, heads, kv, hidden, inter, vocab, theta, eps, head_dim = VARIANTS[variant]
+    shapes = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                  num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv,
+                  rope_theta=theta, rms_norm_eps=eps, tie_word_embeddings=tied,
+                  max_position_embeddings=256)
     torch.manual_seed(seed)
-    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    if head_dim is None:
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shapes)).eval()
+    else:
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+            **shapes, head_dim=head_dim, attention_bias=False)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn_like(p))
@@ -74,22 +84,27 @@ def test_logits_match_transformers(checkpoints, variant):
     path, ref = checkpoints[variant]
     model = load_pretrained(path)
     cfg = model.config
-    tied, heads, kv, hidden, inter, vocab, theta, eps = VARIANTS[variant]
+    tied, heads, kv, hidden, inter, vocab, theta, eps, head_dim = VARIANTS[variant]
     assert (cfg.tie_word_embeddings, cfg.num_attention_heads, cfg.num_key_value_heads,
             cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.rope_theta,
             cfg.rms_norm_eps) == (tied, heads, kv, hidden, inter, vocab, theta, eps)
+    assert cfg.family == ("qwen2" if head_dim is None else "qwen3")
+    assert cfg.head_dim == (head_dim or hidden // heads)
     assert hasattr(model, "lm_head") == (not tied)
     logits = logits_of(model)
     assert logits.shape == ref.shape
     assert rel_err(logits, ref) < 1e-4
 
 
-@pytest.mark.parametrize("variant", ["tied_4to1_odd", "untied_6to3_odd"])
+@pytest.mark.parametrize("variant", ["tied_4to1_odd", "untied_6to3_odd", "qwen3_tied_4to2_wide",
+                                     "qwen3_untied_6to3"])
 def test_round_trip_transformers_loads_same_logits(checkpoints, variant, tmp_path):
     path, ref = checkpoints[variant]
     out = save_pretrained(load_pretrained(path), str(tmp_path / "out"))
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(reloaded).__name__ == ("Qwen2ForCausalLM" if VARIANTS[variant][-1] is None
+                                       else "Qwen3ForCausalLM")
     assert reloaded.config.tie_word_embeddings == VARIANTS[variant][0]
     assert rel_err(hf_logits(reloaded), ref) < 1e-6  # float32 bytes copied exactly
     original = transformers.AutoModelForCausalLM.from_pretrained(path).state_dict()
@@ -216,10 +231,21 @@ def test_config_round_trip_and_old_style_fields():
     old = {k: v for k, v in hf.items() if k != "rope_parameters"}  # transformers 4 style
     old.update(sliding_window=4096, use_sliding_window=False, num_key_value_heads=None)
     assert config_from_hf(old) == cfg.replace(num_key_value_heads=2)
+    qwen3 = Qwen3Config(vocab_size=10, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=6)
+    hf = config_to_hf(qwen3)
+    assert hf["architectures"] == ["Qwen3ForCausalLM"] and hf["model_type"] == "qwen3"
+    assert (hf["head_dim"], hf["attention_bias"]) == (6, False)
+    assert config_from_hf(hf) == qwen3
+    del hf["head_dim"]  # absent: hidden / heads, as transformers does
+    assert config_from_hf(hf) == qwen3.replace(head_dim=4)
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, "expected a Qwen2"),
+    ({"architectures": ["LlamaForCausalLM"], "model_type": "llama"},
+     r"model_type='llama' is not supported; expected one of \['qwen2', 'qwen3'\]"),
+    ({"architectures": ["Qwen3ForCausalLM"]}, "expected model_type 'qwen2', architectures "
+                                              r"\['Qwen2ForCausalLM'\]"),
     ({"use_sliding_window": True}, "use_sliding_window"),
     ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling rope_type='yarn'"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
@@ -256,6 +282,28 @@ def _rewrite_tensors(path: str, edit) -> None:
         for v in tensors.values():
             f.write(np.ascontiguousarray(v).reshape(-1).view(np.uint8))
     os.replace(file + ".new", file)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"attention_bias": True}, "attention_bias=true is not supported"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, "sliding_attention"),
+    ({"head_dim": 5}, "head_dim=5 must be even"),
+])
+def test_bad_qwen3_config_errors(change, message):
+    hf = config_to_hf(Qwen3Config(vocab_size=10, hidden_size=8, intermediate_size=12,
+                                  num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=1, head_dim=4))
+    hf.update(change)
+    with pytest.raises(CheckpointError, match=message):
+        config_from_hf(hf, "dir/config.json")
+
+
+def test_missing_qwen3_norm_is_named(tmp_path, checkpoints):
+    path = _copy_checkpoint(checkpoints["qwen3_untied_6to3"][0], tmp_path / "c")
+    _rewrite_tensors(path, lambda t: t.pop("model.layers.1.self_attn.k_norm.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensor model.layers.1.self_attn.k_norm"
+                                              r".weight \(expected shape \[8\]\)"):
+        load_pretrained(path)
 
 
 def test_missing_directory_and_files(tmp_path, checkpoints):

@@ -2,8 +2,10 @@
 
 References: step-by-step argmax / log_softmax of the model's plain full forward on the unpadded
 prompt + response (no cache, no padding, no sampler code), numpy for the nucleus and the
-tempered distribution. Compile count is kept low: most tests share one sampler and one shape
-(prompt bucket 16, 4 prompt rows, n=2, 8 new tokens).
+tempered distribution. The `sampler` fixture is the default (continuous batching, one slot per
+row); tests/test_continuous_batching.py covers few slots, refills, compaction and the static
+path against it. Compile count is kept low: most tests share one sampler and one shape (prompt
+bucket 16, 4 prompts, n=2, 8 new tokens).
 """
 import math
 
@@ -262,14 +264,17 @@ def test_samples_differ_and_are_reproducible_from_the_seed(sampler):
 
 def test_same_bucket_does_not_recompile(sampler):
     generate(sampler, seed=1)
-    counts = dict(sampler.trace_counts)
-    sizes = (sampler._prefill_jit._cache_size(), sampler._decode_jit._cache_size())
-    generate(sampler, [[9] * 16, [2, 3]], temperature=0.7, top_p=0.9, seed=2,
+    generate(sampler, [[9] * 16, [2, 3], [1, 1, 1], [7]], temperature=0.7, top_p=0.9, seed=2,
              stop_token_ids=[4, 5, 6])
-    generate(sampler, [[1, 2, 3, 4, 5], [6]], temperature=0.0, seed=3)
-    assert counts["decode"] >= 1 and counts["prefill"] >= 1
+    counts = dict(sampler.trace_counts)
+    jits = (sampler.continuous.prefill_jit, sampler.continuous.chunk_jit)
+    sizes = [f._cache_size() for f in jits]
+    generate(sampler, [[9] * 16, [2, 3], [1, 1, 1], [7]], temperature=0.7, top_p=0.9, seed=4,
+             stop_token_ids=[4, 5, 6])
+    generate(sampler, [[1, 2, 3, 4, 5], [6, 6], [12] * 9, [3, 3]], temperature=0.0, seed=3)
+    assert counts["chunk"] >= 1 and counts["paged_prefill"] >= 1
     assert sampler.trace_counts == counts
-    assert (sampler._prefill_jit._cache_size(), sampler._decode_jit._cache_size()) == sizes
+    assert [f._cache_size() for f in jits] == sizes
 
 
 def test_update_weights_changes_outputs(sampler, model):

@@ -47,8 +47,9 @@ def test_process_zero_engine_talks_once_and_broadcasts(tmp_path):
 
 
 def test_jax_sampler_over_two_processes_equals_one(tmp_path):
-    """The embedded sampler on a mesh spanning two processes returns, on each, the rollouts
-    of a one-process run (2 devices) with the same seed."""
+    """The embedded sampler (continuous batching, 2 slots per shard) on a mesh spanning two
+    processes returns, on each, the rollouts of a one-process run (2 devices) with the same
+    seed, which equal the static path's."""
     coordinator = f"127.0.0.1:{free_port()}"
     base = dict(os.environ, JAX_PLATFORMS="cpu",
                 PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
@@ -66,4 +67,5 @@ def test_jax_sampler_over_two_processes_equals_one(tmp_path):
     wait_all(procs, 300)
     got = [json.load(open(tmp_path / f"sampler_{i}.json")) for i in range(2)]
     want = json.load(open(single_dir / "sampler_0.json"))
+    assert want.pop("static_token_ids") == want["token_ids"]  # continuous == static batching
     assert got[0] == got[1] == want and len(want["token_ids"]) == 8

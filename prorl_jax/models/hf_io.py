@@ -1,4 +1,5 @@
-"""Hugging Face Qwen2 checkpoints in and out: config.json + safetensors (single file or shards).
+"""Hugging Face checkpoints in and out, for every registered model family: config.json +
+safetensors (single file or shards).
 
 Reading (`load_pretrained`) builds the model abstractly (`nnx.eval_shape`), then fills it tensor
 by tensor: each tensor is memory-mapped from its safetensors file, transposed to the model's
@@ -9,10 +10,11 @@ Writing (`save_pretrained`) plans the shards from the shapes alone, then pulls o
 time to host (gathered when sharded) and streams its bytes into the file; everything goes into a
 temp directory next to the target, renamed into place at the end.
 
-Names: the model's parameter path ('layers', 3, 'self_attn', 'q_proj', 'kernel') is the HF tensor
-`model.layers.3.self_attn.q_proj.weight`; a `kernel` [in, out] is the HF `weight` [out, in]
-transposed; `embed_tokens.embedding` [V, H] is `model.embed_tokens.weight` [V, H]; the untied
-head `lm_head.kernel` [H, V] is `lm_head.weight` [V, H] (no `model.` prefix).
+The family comes from config.json's model_type (reading) or the config's class (writing), via
+`registry`; the family's mapping module (`qwen2_params.py`, ...) turns config.json into its
+config and back, and its NAME_RULES map each parameter path to its HF tensor name and layout
+(`hf_common`: e.g. the `kernel` [in, out] of `layers.3.self_attn.q_proj` is
+`model.layers.3.self_attn.q_proj.weight` [out, in]).
 
 Extra tensors in a checkpoint are errors, except rotary `inv_freq` buffers (ignored) and
 `lm_head.weight` in a tied checkpoint (ignored, as transformers does; a warning when it differs
@@ -33,7 +35,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from prorl_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
+from prorl_jax.models import registry
+from prorl_jax.models.hf_common import CheckpointError, apply_name_rules
 
 log = logging.getLogger(__name__)
 
@@ -41,108 +44,29 @@ CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # transformers' default shard size ("5GB")
-ARCHITECTURE = "Qwen2ForCausalLM"
 IGNORED_TENSOR_SUFFIXES = (".rotary_emb.inv_freq",)
 
 Path = tuple  # an nnx parameter path, e.g. ('layers', 0, 'mlp', 'up_proj', 'kernel')
 Shardings = Callable[[Path], Optional[jax.sharding.Sharding]]
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory, config or tensor that is not what a Qwen2 model needs."""
+# -- config.json <-> the family's config ---------------------------------------------------------
 
+def config_from_hf(hf: Mapping[str, Any], source: str = CONFIG_FILE, **overrides):
+    """The model config of a parsed HF config.json (`source` names it in errors), by its
+    model_type's family (`registry.FAMILIES`).
 
-# -- config.json <-> Qwen2Config ----------------------------------------------------------------
-
-_REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads")
-
-
-def _rope_theta(hf: Mapping[str, Any], source: str) -> float:
-    """rope_theta from the top level (transformers 4) or `rope_parameters` (transformers 5)."""
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    for name, spec in (("rope_parameters", rope), ("rope_scaling", scaling)):
-        kind = spec.get("rope_type", spec.get("type", "default"))
-        if kind != "default":
-            raise CheckpointError(f"{source}: {name} rope_type={kind!r} is not supported; "
-                                  "expected plain rotary embeddings ('default')")
-    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-
-
-def _check_qwen2(hf: Mapping[str, Any], source: str) -> None:
-    archs = hf.get("architectures") or []
-    model_type = hf.get("model_type")
-    if model_type != "qwen2" or any(a != ARCHITECTURE for a in archs):
-        raise CheckpointError(f"{source}: expected a Qwen2 causal LM (model_type 'qwen2', "
-                              f"architectures [{ARCHITECTURE!r}]), got model_type={model_type!r},"
-                              f" architectures={archs!r}")
-    missing = [f for f in _REQUIRED_FIELDS if f not in hf]
-    if missing:
-        raise CheckpointError(f"{source}: missing required field(s) {missing}")
-    sliding = hf.get("use_sliding_window", False) or "sliding_attention" in (
-        hf.get("layer_types") or [])
-    if sliding:
-        raise CheckpointError(f"{source}: use_sliding_window=true / sliding_attention layers are "
-                              "not supported; expected full attention in every layer")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"{source}: hidden_act={hf['hidden_act']!r}, expected 'silu'")
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
-        raise CheckpointError(f"{source}: head_dim={head_dim} must equal hidden_size / "
-                              f"num_attention_heads = {hf['hidden_size']}/"
-                              f"{hf['num_attention_heads']}")
-
-
-def config_from_hf(hf: Mapping[str, Any], source: str = CONFIG_FILE,
-                   **overrides) -> Qwen2Config:
-    """Qwen2Config from a parsed HF config.json (`source` names it in errors).
-
-    `overrides` set Qwen2Config fields (dtype, param_dtype, remat, attention_impl, ...).
-    Raises CheckpointError for another architecture, sliding-window attention, scaled RoPE,
-    a non-SiLU MLP or missing fields.
+    `overrides` set config fields (dtype, param_dtype, remat, attention_impl, ...).
+    Raises CheckpointError for an unsupported model_type or architecture, sliding-window
+    attention, scaled RoPE, a non-SiLU MLP or missing fields.
     """
-    _check_qwen2(hf, source)
-    fields = dict(
-        vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
-        intermediate_size=int(hf["intermediate_size"]),
-        num_hidden_layers=int(hf["num_hidden_layers"]),
-        num_attention_heads=int(hf["num_attention_heads"]),
-        num_key_value_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
-        rope_theta=_rope_theta(hf, source), rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
-    unknown = sorted(set(overrides) - set(Qwen2Config.__dataclass_fields__))
-    if unknown:
-        raise TypeError(f"unknown Qwen2Config field(s) {unknown}; expected some of "
-                        f"{sorted(Qwen2Config.__dataclass_fields__)}")
-    try:
-        return Qwen2Config(**{**fields, **overrides})
-    except ValueError as err:
-        raise CheckpointError(f"{source}: {err}") from err
+    family = registry.family_for_model_type(hf.get("model_type"), source)
+    return family.hf.config_from_hf(hf, source, **overrides)
 
 
-def config_to_hf(config: Qwen2Config, dtype: Any = None) -> dict[str, Any]:
-    """The HF config.json dict of `config`; `dtype` (default param_dtype) is the stored dtype.
-
-    Readable by transformers 4 (top-level rope_theta, torch_dtype) and 5 (rope_parameters, dtype).
-    """
-    dtype_name = jnp.dtype(dtype if dtype is not None else config.param_dtype).name
-    c = config
-    return {
-        "architectures": [ARCHITECTURE], "model_type": "qwen2", "hidden_act": "silu",
-        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_hidden_layers,
-        "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_key_value_heads,
-        "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.rms_norm_eps,
-        "rope_theta": c.rope_theta, "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-        "tie_word_embeddings": c.tie_word_embeddings, "use_sliding_window": False,
-        "sliding_window": None, "max_window_layers": c.num_hidden_layers,
-        "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
-        "torch_dtype": dtype_name, "dtype": dtype_name,
-    }
+def config_to_hf(config: Any, dtype: Any = None) -> dict[str, Any]:
+    """The HF config.json dict of `config`; `dtype` (default param_dtype) is the stored dtype."""
+    return registry.family_of(config).hf.config_to_hf(config, dtype)
 
 
 # -- the safetensors format: 8-byte little-endian header size, JSON header, raw tensor bytes ------
@@ -214,20 +138,18 @@ def _safetensors_header(specs: list[tuple[str, tuple, np.dtype]]) -> bytes:
 
 # -- parameter paths <-> HF tensor names -------------------------------------------------------
 
-def hf_name(path: Path) -> tuple[str, bool]:
-    """(HF tensor name, transpose?) of an nnx parameter path; see the module docstring."""
-    *parents, leaf = (str(p) for p in path)
-    transpose = leaf == "kernel"
-    name = ".".join(parents + ["weight" if leaf in ("kernel", "embedding") else leaf])
-    return (name if parents[:1] == ["lm_head"] else "model." + name), transpose
+def hf_name(path: Path, config: Any) -> tuple[str, bool]:
+    """(HF tensor name, transpose?) of an nnx parameter path, by config's family's NAME_RULES."""
+    return apply_name_rules(path, registry.family_of(config).hf.NAME_RULES)
 
 
-def abstract_params(config: Qwen2Config) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graphdef, State of ShapeDtypeStruct params) of the model, allocating nothing."""
-    model = nnx.eval_shape(lambda: Qwen2ForCausalLM(config, rngs=nnx.Rngs(0)))
+def abstract_params(config: Any) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, State of ShapeDtypeStruct params) of config's model, allocating nothing."""
+    model = registry.abstract_model(config)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if nnx.to_flat_state(rest):
-        raise TypeError("Qwen2ForCausalLM holds non-parameter state; hf_io maps params only")
+        raise TypeError(f"{type(model).__name__} holds non-parameter state; hf_io maps params "
+                        "only")
     return graphdef, params
 
 
@@ -258,8 +180,8 @@ def checkpoint_tensors(path: str) -> dict[str, TensorEntry]:
                           "safetensors checkpoint)")
 
 
-def read_config(path: str, **overrides) -> Qwen2Config:
-    """The Qwen2Config of the HF checkpoint directory `path` (its config.json)."""
+def read_config(path: str, **overrides):
+    """The model config of the HF checkpoint directory `path` (its config.json)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: checkpoint directory does not exist")
     config_file = os.path.join(path, CONFIG_FILE)
@@ -270,18 +192,20 @@ def read_config(path: str, **overrides) -> Qwen2Config:
 
 
 def _check_leftovers(entries: dict[str, TensorEntry], used: set[str],
-                     config: Qwen2Config) -> None:
+                     config: Any) -> None:
     """Raises for unexpected tensors; ignores inv_freq buffers and a tied lm_head.weight."""
     extra = sorted(n for n in set(entries) - used if not n.endswith(IGNORED_TENSOR_SUFFIXES))
-    if config.tie_word_embeddings and "lm_head.weight" in extra:
-        extra.remove("lm_head.weight")
-        head, embed = entries["lm_head.weight"], entries["model.embed_tokens.weight"]
+    head_name = hf_name(("lm_head", "kernel"), config)[0]
+    if config.tie_word_embeddings and head_name in extra:
+        extra.remove(head_name)
+        embed_name = hf_name(("embed_tokens", "embedding"), config)[0]
+        head, embed = entries[head_name], entries[embed_name]
         if head.shape != embed.shape or not _equal_rows(map_tensor(head), map_tensor(embed)):
-            log.warning("%s: lm_head.weight differs from model.embed_tokens.weight in a tied "
-                        "checkpoint; it is ignored (the head is the embedding)", head.file)
+            log.warning("%s: %s differs from %s in a tied checkpoint; it is ignored (the head "
+                        "is the embedding)", head.file, head_name, embed_name)
     if extra:
         raise CheckpointError(f"{entries[extra[0]].file}: unexpected tensor(s) {extra[:5]} "
-                              f"({len(extra)} in all) for a Qwen2 model with "
+                              f"({len(extra)} in all) for a {config.family} model with "
                               f"tie_word_embeddings={config.tie_word_embeddings}")
 
 
@@ -290,12 +214,12 @@ def _equal_rows(a: np.ndarray, b: np.ndarray, rows: int = 8192) -> bool:
 
 
 def _match_tensors(abstract: nnx.State, entries: dict[str, TensorEntry], path: str,
-                   config: Qwen2Config) -> list:
+                   config: Any) -> list:
     """[(param path, Variable, TensorEntry, transpose?)], checked before any tensor is read:
     every parameter present with its HF shape, nothing unexpected left over."""
     plan = []
     for param_path, var in nnx.to_flat_state(abstract):
-        name, transpose = hf_name(param_path)
+        name, transpose = hf_name(param_path, config)
         shape = tuple(var.get_value().shape)
         hf_shape = shape[::-1] if transpose else shape
         entry = entries.get(name)
@@ -306,19 +230,19 @@ def _match_tensors(abstract: nnx.State, entries: dict[str, TensorEntry], path: s
             raise CheckpointError(f"{entry.file}: tensor {name} has shape {list(entry.shape)}, "
                                   f"expected {list(hf_shape)}")
         plan.append((param_path, var, entry, transpose))
-    _check_leftovers(entries, {hf_name(p)[0] for p, *_ in plan}, config)
+    _check_leftovers(entries, {hf_name(p, config)[0] for p, *_ in plan}, config)
     return plan
 
 
 def load_pretrained(path: str, dtype: Any = jnp.float32, *, param_dtype: Any = None,
                     remat: str = "none", attention_impl: str = "auto",
                     shardings: Optional[Shardings] = None,
-                    **config_overrides) -> Qwen2ForCausalLM:
-    """Reads a Hugging Face Qwen2 checkpoint directory into a Qwen2ForCausalLM.
+                    **config_overrides) -> nnx.Module:
+    """Reads a Hugging Face checkpoint directory into its family's model (by model_type).
 
     dtype: compute dtype; param_dtype: parameter dtype (default: dtype); shardings:
     callable(nnx path) -> Sharding or None (None: the default device); config_overrides: other
-    Qwen2Config fields. Raises FileNotFoundError / CheckpointError naming the file or tensor.
+    config fields. Raises FileNotFoundError / CheckpointError naming the file or tensor.
     """
     param_dtype = dtype if param_dtype is None else param_dtype
     config = read_config(path, dtype=jnp.dtype(dtype).name,
@@ -339,7 +263,7 @@ def load_pretrained(path: str, dtype: Any = jnp.float32, *, param_dtype: Any = N
 
 # -- writing -----------------------------------------------------------------------------------
 
-def _flat_params(model_or_state: Any, config: Optional[Qwen2Config]):
+def _flat_params(model_or_state: Any, config: Any):
     """(config, [(path, array)]) from a model or an nnx.State of its params, checked by shape."""
     if isinstance(model_or_state, nnx.Module):
         config = config or model_or_state.config
@@ -378,17 +302,17 @@ def _to_host(x: Any, dtype: np.dtype, transpose: bool) -> np.ndarray:
     return np.ascontiguousarray(x.T if transpose else x)
 
 
-def hf_tensors(model_or_state: Any, config: Optional[Qwen2Config] = None,
+def hf_tensors(model_or_state: Any, config: Any = None,
                dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (HF tensor name, host array in HF layout) one tensor at a time.
 
-    model_or_state: a Qwen2ForCausalLM, or an nnx.State of its params (then `config` is
+    model_or_state: a model (any family), or an nnx.State of its params (then `config` is
     required); dtype: stored dtype (default: config.param_dtype).
     """
     config, params = _flat_params(model_or_state, config)
     dtype = np.dtype(jnp.dtype(dtype if dtype is not None else config.param_dtype))
     for path, x in params:
-        name, transpose = hf_name(path)
+        name, transpose = hf_name(path, config)
         yield name, _to_host(x, dtype, transpose)
 
 
@@ -406,11 +330,11 @@ def _plan_shards(specs: list, max_shard_bytes: int) -> list[list]:
     return shards
 
 
-def _write_checkpoint(tmp: str, config: Qwen2Config, params: list, dtype: np.dtype,
+def _write_checkpoint(tmp: str, config: Any, params: list, dtype: np.dtype,
                       max_shard_bytes: int, extra_config: Optional[Mapping]) -> None:
     specs = []
     for path, x in params:
-        name, transpose = hf_name(path)
+        name, transpose = hf_name(path, config)
         shape = tuple(reversed(x.shape)) if transpose else tuple(x.shape)
         specs.append((name, shape, dtype, x, transpose))
     shards = _plan_shards(specs, max_shard_bytes)
@@ -437,12 +361,12 @@ def _replaceable(path: str) -> bool:
     return not names or CONFIG_FILE in names or any(n.endswith(".safetensors") for n in names)
 
 
-def save_pretrained(model_or_state: Any, path: str, *, config: Optional[Qwen2Config] = None,
+def save_pretrained(model_or_state: Any, path: str, *, config: Any = None,
                     dtype: Any = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                     extra_config: Optional[Mapping[str, Any]] = None) -> Optional[str]:
     """Writes a HF checkpoint (config.json + safetensors) that transformers/vLLM load; -> path.
 
-    model_or_state: Qwen2ForCausalLM or an nnx.State of its params (with `config`); dtype:
+    model_or_state: a model (any family) or an nnx.State of its params (with `config`); dtype:
     stored dtype (default config.param_dtype); shards with an index above max_shard_bytes;
     extra_config: more config.json fields (e.g. eos_token_id). Written into a temp dir next to
     `path` and renamed into place; an existing `path` is replaced only if empty or a checkpoint.

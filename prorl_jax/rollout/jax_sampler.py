@@ -1,21 +1,20 @@
 """The embedded JAX sampler: generates GRPO rollouts with the policy in device memory.
 
-Per `generate` call (P prompts, n samples each, B = P_bucket * n decode rows):
-  1. Left-pad the prompts to a length bucket Tb (positions count from each prompt's first real
-     token; padding slots are masked out) and pad the prompt count to a batch bucket P_bucket,
-     so a jitted shape is reused across steps: compilation happens once per
-     (Tb, P_bucket, n, max_new_tokens).
-  2. Prefill [P_bucket, Tb] once, then repeat each prompt's KV cache and last logits n times
-     (prompt-major rows: sample j of prompt i is row i*n + j) into a preallocated cache of
-     S_max = Tb + max_new_tokens slots, one buffer per layer so each step updates it in place.
-  3. A jitted `lax.while_loop` samples a token per row (temperature, exact top-p; see
-     `sampling.py`), records its processed log-prob, feeds it back through the cached decoder and
-     stops when every row has emitted a stop id (which is kept) or max_new_tokens.
-RNG: row r's token at step t uses fold_in(fold_in(key(seed), r), t): samples of one prompt
-differ, and the same seed reproduces them whatever the padding or sharding.
-With a mesh, the batch dimension of prompts, cache and tokens is sharded over the mesh's batch
-axes (default "data" and "fsdp"); the parameters stay as given (e.g. the trainer's sharded fp32
-master weights, cast to the compute dtype inside the jitted functions; no copy to host).
+A call's P prompts x n samples are B = P * n rows (prompt-major: sample j of prompt i is row
+i*n + j), batched one of two ways (`BatchingConfig.mode`):
+  continuous (default; `continuous_batch.py`): a fixed number of decode slots (a config field
+      or a KV-memory budget) over a paged KV pool; rows enter slots as others finish, each
+      prompt is prefilled once per shard and its KV shared by its samples, attention reads only
+      the blocks a row has filled. Memory is bounded by the slots, not by B.
+  static (`static_batch.py`): every row in one batch, a dense cache of the maximum length, until
+      the longest row is done.
+Both sample a token per row with temperature and exact top-p (`sampling.py`), record its
+processed log-prob, keep a stop id when hit, and use row r's key fold_in(fold_in(key(seed), r), t)
+for its token t: the same seed gives the same samples whatever the batching, slot or sharding.
+With a mesh, rows (and the KV pool) are sharded over the mesh's batch axes (default "data" and
+"fsdp"); the parameters stay as given (e.g. the trainer's sharded fp32 master weights, cast to
+the compute dtype inside the jitted functions; no copy to host). Every host runs the same
+schedule and gets every row (multi-process meshes).
 """
 from __future__ import annotations
 
@@ -30,9 +29,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from prorl_jax.models.qwen2 import KVCache
 from prorl_jax.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutBatch, RolloutEngine
-from prorl_jax.rollout.sampling import sample_tokens
+from prorl_jax.rollout.continuous_batch import ContinuousBatcher
+from prorl_jax.rollout.scheduler import BatchingConfig
+from prorl_jax.rollout.static_batch import StaticBatcher
 
 DEFAULT_BATCH_AXES = ("data", "fsdp")
 MIN_PROMPT_BUCKET = 16
@@ -72,31 +72,30 @@ def left_pad(prompts: Sequence[Sequence[int]], num_rows: int, length: int,
     return ids, lens
 
 
-def _decode_step(model, token_ids, positions, cache: KVCache, cache_index, kv_valid):
-    """One decode step: token_ids, positions int32[B, 1] written at slot `cache_index` (the same
-    for all rows); kv_valid bool[B, S_max]. Returns (next-token logits f32[B, V], cache)."""
-    hidden, cache = model.decode(token_ids, positions, cache, cache_index, kv_valid)
-    return model.logits(hidden)[:, 0], cache
-
-
 class JaxSampler(RolloutEngine):
-    """Samples rollouts with a Qwen2 model held in (possibly sharded) device memory.
+    """Samples rollouts with a causal LM held in (possibly sharded) device memory.
 
-    model: a `Qwen2ForCausalLM` (its parameters are the initial policy).
+    model: any `prorl_jax.models.CausalLM` (its parameters are the initial policy).
     max_prompt_len / max_new_tokens: the longest prompt and response a call may ask for.
     pad_id: token id written in padding slots (never attended to).
     prompt_buckets: prompt lengths compiled for (default: 16, 32, ... up to max_prompt_len).
-    batch_buckets: prompt counts compiled for (default: powers of two).
+    batch_buckets: prompt counts compiled for (default: powers of two): the static path's rows
+        and the continuous path's slots (without a slot limit) are the bucket x n.
     mesh / batch_axes: shard the batch over these mesh axes (those present in the mesh).
     cache_dtype: KV-cache dtype (default: the model's compute dtype).
     max_stop_ids: the most stop ids a call may pass (they are padded to this fixed size).
+    batching: a `BatchingConfig` (default: continuous, one slot per row, 16-token blocks).
+    After each call `last_stats` holds its figures: decode_steps, slots, slot_steps (slot
+    row-steps computed), live_row_steps (row-steps of rows still decoding), slot_utilisation
+    (live / computed), kv_slots_read (cache slots the decode steps gathered), kv_slots_min (those
+    the queries needed: the prompt and the earlier tokens, per generated token), prefill_s.
     """
 
     def __init__(self, model, *, max_prompt_len: int, max_new_tokens: int, pad_id: int = 0,
                  prompt_buckets: Optional[Sequence[int]] = None,
                  batch_buckets: Optional[Sequence[int]] = None, mesh: Optional[Mesh] = None,
                  batch_axes: Sequence[str] = DEFAULT_BATCH_AXES, cache_dtype: Any = None,
-                 max_stop_ids: int = 8):
+                 max_stop_ids: int = 8, batching: BatchingConfig = BatchingConfig()):
         cfg = model.config
         for name, value in (("max_prompt_len", max_prompt_len),
                             ("max_new_tokens", max_new_tokens), ("max_stop_ids", max_stop_ids)):
@@ -123,15 +122,15 @@ class JaxSampler(RolloutEngine):
         self.batch_axes = self._resolve_batch_axes(mesh, batch_axes)
         self.num_batch_shards = (1 if mesh is None else
                                  int(np.prod([mesh.shape[a] for a in self.batch_axes])))
+        self.batching = batching
         self._graphdef, params, self._rest = nnx.split(model, nnx.Param, ...)
         self._params = self._place(params)
         self.weight_version = 0
         self.last_decode_steps = 0  # decode-loop iterations of the latest call (early exit)
-        self.trace_counts = {"prefill": 0, "decode": 0}
-        self._prefill_jit = jax.jit(self._prefill, static_argnames=("n", "max_new_tokens"))
-        # the prefill's cache is donated to the decode loop, which updates it in place
-        self._decode_jit = jax.jit(self._decode, static_argnames=("prompt_len",),
-                                   donate_argnames=("ks", "vs"))
+        self.last_stats: dict = {}
+        self.trace_counts = {"prefill": 0, "decode": 0, "paged_prefill": 0, "chunk": 0}
+        self.static = StaticBatcher(self)
+        self.continuous = ContinuousBatcher(self)
 
     # -- weights --------------------------------------------------------------------------------
 
@@ -174,86 +173,59 @@ class JaxSampler(RolloutEngine):
         self._params = self._place(params)
         self.weight_version = int(version)
 
-    def _model(self, params):
+    # -- what the batchers use ------------------------------------------------------------------
+
+    @property
+    def params(self):
+        return self._params
+
+    def model_with(self, params):
         """The model rebuilt inside jit with its parameters cast to the compute dtype."""
         dt = self.compute_dtype
         params = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating)
                               else x, params)
         return nnx.merge(self._graphdef, params, self._rest)
 
-    def _shard_batch(self, x, batch_dim: int = 0):
+    def shard_batch(self, x, batch_dim: int = 0):
         """Constrains x's batch dimension to the mesh's batch axes (no-op without a mesh)."""
         if self.mesh is None:
             return x
         spec = PartitionSpec(*([None] * batch_dim), self.batch_axes)
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
-    # -- jitted phases --------------------------------------------------------------------------
+    def put_batch(self, x: np.ndarray):
+        """Host array -> device, its leading (batch) dimension sharded over the batch axes."""
+        if self.mesh is None:
+            return jnp.asarray(x)
+        spec = PartitionSpec(self.batch_axes, *([None] * (x.ndim - 1)))
+        return jax.device_put(x, NamedSharding(self.mesh, spec))
 
-    def _prefill(self, params, prompt_ids, prompt_lens, *, n: int, max_new_tokens: int):
-        """prompt_ids int32[P, Tb] (left-padded), prompt_lens int32[P] ->
-        (logits f32[P*n, V], ks, vs: L-tuples of [P*n, Tb + max_new_tokens, K, D],
-         kv_valid bool[P*n, Tb + max_new_tokens])."""
-        self.trace_counts["prefill"] += 1
-        model = self._model(params)
-        num_prompts, prompt_len = prompt_ids.shape
-        slots = jnp.arange(prompt_len, dtype=jnp.int32)[None, :]
-        first_slot = (prompt_len - prompt_lens)[:, None]
-        valid = slots >= first_slot
-        positions = jnp.maximum(slots - first_slot, 0)
-        cache = model.init_cache(num_prompts, prompt_len, dtype=self.cache_dtype)
-        hidden, cache = model.decode(prompt_ids, positions, cache, jnp.int32(0), valid)
-        logits = model.logits(hidden[:, -1:])[:, 0]
+    def fetch(self, out):
+        """Device outputs -> host numpy; rows on several hosts are gathered to every host."""
+        if jax.process_count() > 1:
+            out = multihost_utils.process_allgather(out, tiled=True)
+        return jax.device_get(out)
 
-        def expand(x, fill=0):  # [P, Tb, ...] -> [P*n, Tb + max_new, ...], prompt-major rows
-            pad = [(0, 0), (0, max_new_tokens)] + [(0, 0)] * (x.ndim - 2)
-            return self._shard_batch(jnp.repeat(jnp.pad(x, pad, constant_values=fill), n, axis=0))
+    def prompt_bucket(self, longest: int) -> int:
+        return pick_bucket(longest, self.prompt_buckets,
+                           "generate: longest prompt (prompt_buckets)")
 
-        ks = tuple(expand(k) for k in cache.k)
-        vs = tuple(expand(v) for v in cache.v)
-        # generated slots are valid once written; causality hides the later ones
-        return (self._shard_batch(jnp.repeat(logits, n, axis=0)), ks, vs, expand(valid, True))
+    def prompt_count_bucket(self, num_prompts: int, per_shard: bool = False) -> int:
+        """The batch bucket of a prompt count (static path rows, continuous slots / n),
+        rounded up to a multiple of the shards; per_shard: the bucket alone (prefill rows)."""
+        rows = pick_bucket(num_prompts, self.batch_buckets,
+                           "generate: prompt count (batch_buckets)")
+        return rows if per_shard else -(-rows // self.num_batch_shards) * self.num_batch_shards
 
-    def _decode(self, params, logits, ks, vs, kv_valid, prompt_lens, row_ids, done, stop_ids,
-                sampling, seed, *, prompt_len: int):
-        """The decode loop. logits f32[B, V]; prompt_lens int32[B]; row_ids int32[B] (global
-        sample index, the RNG stream); done bool[B] (True for filler rows); stop_ids int32[S]
-        (-1 = unused); sampling f32[2] = (temperature, top_p); seed uint32 scalar.
-        Returns ((tokens int32[B, M], logprobs f32[B, M], lengths int32[B], stopped bool[B],
-        steps int32), (ks, vs)) with M = max_new_tokens = the cache's free slots (entries past
-        lengths are junk); the final cache is returned so the donated one is reused in place."""
-        self.trace_counts["decode"] += 1
-        model = self._model(params)
-        batch, cache_len = kv_valid.shape
-        max_new = cache_len - prompt_len
-        temperature, top_p = sampling[0], sampling[1]
-        base_key = jax.random.key(seed)
-        row_keys = jax.vmap(lambda r: jax.random.fold_in(base_key, r))(row_ids)
+    def left_pad(self, prompts, num_rows: int, length: int):
+        return left_pad(prompts, num_rows, length, self.pad_id)
 
-        def body(state):
-            step, tokens, logps, lengths, done, stopped, logits, ks, vs = state
-            keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
-            token, token_logp = sample_tokens(keys, logits, temperature, top_p)
-            active = ~done
-            tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
-            logps = jax.lax.dynamic_update_slice(logps, token_logp[:, None], (0, step))
-            lengths = lengths + active.astype(jnp.int32)
-            hit_stop = active & jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
-            stopped = stopped | hit_stop
-            done = done | hit_stop | (step + 1 >= max_new)
-            logits, (ks, vs) = _decode_step(model, token[:, None], (prompt_lens + step)[:, None],
-                                            KVCache(ks, vs), prompt_len + step, kv_valid)
-            return (step + 1, tokens, logps, lengths, done, stopped,
-                    self._shard_batch(logits), ks, vs)
-
-        def cond(state):
-            return (state[0] < max_new) & ~jnp.all(state[4])
-
-        init = (jnp.int32(0), self._shard_batch(jnp.zeros((batch, max_new), jnp.int32)),
-                self._shard_batch(jnp.zeros((batch, max_new), jnp.float32)),
-                jnp.zeros((batch,), jnp.int32), done, jnp.zeros((batch,), bool), logits, ks, vs)
-        step, tokens, logps, lengths, _, stopped, _, ks, vs = jax.lax.while_loop(cond, body, init)
-        return (tokens, logps, lengths, stopped, step), (ks, vs)
+    @property
+    def kv_bytes_per_slot(self) -> int:
+        """Bytes of one cached token: L layers x (k, v) x K heads x D x itemsize."""
+        c = self.config
+        return (c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim
+                * self.cache_dtype.itemsize)
 
     # -- the engine interface -------------------------------------------------------------------
 
@@ -287,12 +259,7 @@ class JaxSampler(RolloutEngine):
             if not 0 <= int(t) < vocab:
                 raise ValueError(f"generate: stop token id {t} is not in [0, vocab={vocab})")
 
-    def _put_batch(self, x: np.ndarray):
-        """Host array -> device, its leading (batch) dimension sharded over the batch axes."""
-        if self.mesh is None:
-            return jnp.asarray(x)
-        spec = PartitionSpec(self.batch_axes, *([None] * (x.ndim - 1)))
-        return jax.device_put(x, NamedSharding(self.mesh, spec))
+        self.prompt_count_bucket(len(prompts))  # the prompt count must fit a batch bucket
 
     def generate(self, prompts: Sequence[Sequence[int]], *, n: int, temperature: float,
                  top_p: float, max_new_tokens: int, stop_token_ids: Sequence[int] = (),
@@ -301,40 +268,35 @@ class JaxSampler(RolloutEngine):
         stop_token_ids = tuple(stop_token_ids or ())
         self._check_request(prompts, n, temperature, top_p, max_new_tokens, stop_token_ids)
         start = time.perf_counter()
-        num_prompts = len(prompts)
-        prompt_len = pick_bucket(max(len(p) for p in prompts), self.prompt_buckets,
-                                 "generate: longest prompt (prompt_buckets)")
-        shards = self.num_batch_shards
-        num_rows = pick_bucket(num_prompts, self.batch_buckets, "generate: prompt count "
-                               "(batch_buckets)")
-        num_rows = -(-num_rows // shards) * shards
-        ids, lens = left_pad(prompts, num_rows, prompt_len, self.pad_id)
-        logits, ks, vs, kv_valid = self._prefill_jit(
-            self._params, self._put_batch(ids), self._put_batch(lens), n=n,
-            max_new_tokens=max_new_tokens)
-        jax.block_until_ready(logits)
-        prefill_s = time.perf_counter() - start
-
-        batch = num_rows * n
         stop_ids = np.full((self.max_stop_ids,), -1, np.int32)
         stop_ids[:len(stop_token_ids)] = stop_token_ids
-        out, _ = self._decode_jit(
-            self._params, logits, ks, vs, kv_valid, self._put_batch(np.repeat(lens, n)),
-            self._put_batch(np.arange(batch, dtype=np.int32)),
-            self._put_batch(np.arange(batch) >= num_prompts * n), jnp.asarray(stop_ids),
-            jnp.asarray([temperature, top_p], jnp.float32),
-            jnp.asarray(seed % 2**32, jnp.uint32), prompt_len=prompt_len)
-        if jax.process_count() > 1:  # rows live on several hosts: every host gets them all
-            out = multihost_utils.process_allgather(out, tiled=True)
-        tokens, logps, lengths, stopped, steps = jax.device_get(out)
-        self.last_decode_steps = int(steps)
+        batcher = self.static if self.batching.mode == "static" else self.continuous
+        tokens, logps, stopped, stats = batcher.generate(
+            prompts, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+            stop_ids=stop_ids, seed=seed)
         generate_s = time.perf_counter() - start
-        rows = range(num_prompts * n)
+        self.last_decode_steps = stats["decode_steps"]
+        self.last_stats = finish_stats(stats, prompts, n, tokens, self.kv_bytes_per_slot)
         return RolloutBatch(
-            prompt_ids=[list(map(int, p)) for p in prompts],
-            token_ids=[tokens[r, :lengths[r]].tolist() for r in rows],
-            logprobs=[logps[r, :lengths[r]].astype(np.float32) for r in rows],
-            finish_reasons=[FINISH_STOP if stopped[r] else FINISH_LENGTH for r in rows],
+            prompt_ids=[list(map(int, p)) for p in prompts], token_ids=tokens, logprobs=logps,
+            finish_reasons=[FINISH_STOP if s else FINISH_LENGTH for s in stopped],
             n=n, weight_version=self.weight_version,
-            timing={"generate_s": generate_s, "prefill_s": prefill_s,
-                    "decode_s": generate_s - prefill_s})
+            timing={"generate_s": generate_s, "prefill_s": stats["prefill_s"],
+                    "decode_s": generate_s - stats["prefill_s"]})
+
+
+def finish_stats(stats: dict, prompts, n: int, tokens, bytes_per_slot: int) -> dict:
+    """Adds a call's derived figures to the batcher's: generated tokens, the KV slots the
+    queries need at least (token t of a row whose prompt has m tokens attends m + t slots),
+    slot utilisation, KV bytes read and needed per generated token."""
+    lengths = np.array([len(t) for t in tokens], np.int64)
+    prompt_lens = np.repeat([len(p) for p in prompts], n)
+    kv_min = int(np.sum(lengths * prompt_lens + lengths * (lengths - 1) // 2))
+    generated = int(lengths.sum())
+    live = stats.get("live_row_steps", generated)
+    return dict(stats, generated_tokens=generated, live_row_steps=live, kv_slots_min=kv_min,
+                slot_utilisation=live / max(stats["slot_steps"], 1),
+                kv_read_over_min=stats["kv_slots_read"] / max(kv_min, 1),
+                kv_bytes_read_per_token=stats["kv_slots_read"] * bytes_per_slot
+                / max(generated, 1),
+                kv_bytes_min_per_token=kv_min * bytes_per_slot / max(generated, 1))

@@ -66,3 +66,14 @@ def sample_tokens(row_keys: jax.Array, logits: jax.Array, temperature: jax.Array
     tokens = jnp.where(jnp.asarray(temperature) > 0, sampled, greedy).astype(jnp.int32)
     token_logp = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
     return tokens, token_logp
+
+
+def row_step_keys(base_key: jax.Array, row_ids: jax.Array, steps: jax.Array) -> jax.Array:
+    """One PRNG key per row: fold_in(fold_in(base_key, row_ids[b]), steps[b]).
+
+    Token t of row r always uses the same key whatever slot, batch, shard or loop step it is
+    computed in, so a seed reproduces a row's samples under any batching or sharding.
+    row_ids, steps: int32[batch] -> keys [batch].
+    """
+    return jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(base_key, r), t))(
+        row_ids, steps)
