@@ -10,7 +10,8 @@ import sys
 import jax
 import numpy as np
 
-from train_helpers import (TWO_PROCESS_STEPS, fresh_state, make_batch, train_step_for)
+from train_helpers import (MODEL_CFG, TWO_PROCESS_STEPS, fresh_state, make_batch,
+                           train_step_for)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT_S = 300
@@ -66,6 +67,15 @@ def test_two_processes_match_one_device(tmp_path):
         for k in ("loss", "grad_norm", "kl", "entropy", "num_tokens"):
             np.testing.assert_allclose(got[k], ref[k], rtol=2e-5, err_msg=k)
     params = np.load(os.path.join(tmp_path, "params.npz"))
+    # The HF directory both processes wrote from the sharded params (each tensor cast and
+    # transposed on device, then gathered) is byte for byte what one process writes from the
+    # same weights on the host.
+    from prorl_jax.models import save_pretrained
+    host = jax.tree.unflatten(jax.tree.structure(state.params),
+                              [params[f"leaf{i}"] for i in range(len(params.files))])
+    save_pretrained(host, str(tmp_path / "hf_one"), config=MODEL_CFG, dtype="bfloat16")
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "hf" / name).read_bytes() == (tmp_path / "hf_one" / name).read_bytes()
     leaves = jax.tree.leaves(state.params)
     assert len(params.files) == len(leaves)
     for i, leaf in enumerate(leaves):

