@@ -285,11 +285,11 @@ def v2_config() -> ml_collections.ConfigDict:
 
     Not published, so chosen here (documented, not v2's numbers): the cosine penalty's schedule
     and when the reference is reset; rollouts one step off (rollout.max_staleness = 1, the
-    NeMo-RL recipes' asynchronous GRPO; v2_demo keeps the synchronous loop). Three stages of 1000 steps ramp the penalty's coefficient
-    0 -> 0.5 -> 1 (reward.length_penalty_coef), and each stage boundary resets the reference
-    (v2 resets it; reset.on_stage_boundary). Not stated for v2 and kept from ProRL: the
-    mini-batch (64 prompts, 8 updates per step), temperature 1.2, AdamW's other settings, the
-    validation settings.
+    NeMo-RL recipes' asynchronous GRPO; v2_demo keeps the synchronous loop). Three stages of
+    1000 steps ramp the penalty's coefficient 0 -> 0.5 -> 1 (reward.length_penalty_coef), and
+    each stage boundary resets the reference (v2 resets it; reset.on_stage_boundary). Not
+    stated for v2 and kept from ProRL: the mini-batch (64 prompts, 8 updates per step),
+    temperature 1.2, AdamW's other settings, the validation settings.
     """
     c = v2_algorithm(paper_config())
     c.optim.lr = 1e-6                 # v2: 1e-6 (constant)
